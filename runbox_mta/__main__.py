@@ -1,0 +1,3 @@
+from runbox_mta.cli import main
+
+raise SystemExit(main())
