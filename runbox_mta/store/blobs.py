@@ -1,0 +1,59 @@
+"""Message bytes behind one small interface, and the metadata parsed once at delivery.
+
+Blobs live in the database, written in the same transaction as the message
+rows that refer to them: one fsync, atomic, shared by every daemon on
+PostgreSQL. All local recipients of one delivery share one blob. Encryption
+at rest, deduplication or a file/object-store backend would change only
+BlobStore: callers hand it bytes and get bytes back, by id.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import delete, exists, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runbox_mta.errors import NotFound
+from runbox_mta.store import models as m
+from runbox_mta.store.db import in_chunks
+
+# RFC 5322 §2.1: the header ends at the first empty line. CRLF is canonical;
+# a bare LF is tolerated because IMAP APPEND and imports bring what they bring.
+_EMPTY_LINE = re.compile(rb"(?:^|\n)\r?\n")
+
+
+def parse_metadata(data: bytes) -> dict[str, Any]:
+    """What IMAP needs without reading the message again (RFC 9051 §7.5.2 sizes and line count)."""
+    match = _EMPTY_LINE.search(data)
+    header_size = match.end() if match else len(data)
+    body = data[header_size:]
+    body_lines = body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
+    return {"size": len(data), "header_size": header_size, "body_lines": body_lines}
+
+
+class BlobStore:
+    """Blobs stored in the `blobs` table, inside the caller's transaction."""
+
+    async def put(self, conn: AsyncConnection, data: bytes, parsed: dict[str, Any]) -> int:
+        statement = insert(m.Blob).values(size=len(data), data=data, parsed=parsed).returning(m.Blob.id)
+        return (await conn.execute(statement)).scalar_one()
+
+    async def get(self, conn: AsyncConnection, blob_id: int) -> bytes:
+        data = await conn.scalar(select(m.Blob.data).where(m.Blob.id == blob_id))
+        if data is None:
+            raise NotFound(f"no such blob: {blob_id}")
+        return data
+
+    async def release(self, conn: AsyncConnection, blob_ids: Iterable[int]) -> None:
+        """Delete those of `blob_ids` that no message and no queue entry refers to any more."""
+        for chunk in in_chunks(sorted(set(blob_ids))):
+            await conn.execute(
+                delete(m.Blob).where(
+                    m.Blob.id.in_(chunk),
+                    ~exists().where(m.Message.blob_id == m.Blob.id),
+                    ~exists().where(m.QueueMessage.blob_id == m.Blob.id),
+                )
+            )
