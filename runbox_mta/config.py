@@ -252,7 +252,7 @@ def _build(path: Path, raw: dict) -> Config:
     listeners = tuple(_build_listener(item, f"listeners[{i}]") for i, item in enumerate(listeners_raw))
     seen: set[tuple[str, int]] = set()
     for i, listener in enumerate(listeners):
-        if (listener.bind, listener.port) in seen:
+        if listener.port and (listener.bind, listener.port) in seen:  # port 0: any free port
             raise ConfigError(f"listeners[{i}]: {listener.bind} port {listener.port} is used twice")
         seen.add((listener.bind, listener.port))
 

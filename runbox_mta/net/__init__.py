@@ -1,0 +1,1 @@
+"""Networking shared by every protocol: binding, admission limits, draining."""

@@ -1,0 +1,213 @@
+"""Listeners: the protocol registry, connection admission and the live-connection set.
+
+Invariants:
+- Every listener socket is bound before the daemon drops root, then handed to
+  its protocol's `start`, which serves on it; protocols never bind themselves.
+- A connection is admitted only while its listener is under `max_connections`
+  and its client address (IPv6 by /64) is under `connections_per_address`;
+  otherwise it gets the protocol's one-line "too busy" reply and is closed.
+- Every admitted connection is tracked until it ends, so SIGTERM can drain:
+  stop accepting, let connections finish within a grace period, then cancel.
+- An exception escaping a connection handler is a bug: it is logged (without
+  the client address) and counted, so tests fail on hidden crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+
+from runbox_mta.config import ListenerConfig
+from runbox_mta.errors import RunboxError
+from runbox_mta.net.clients import address_key
+
+if TYPE_CHECKING:
+    from runbox_mta.app import Services
+
+log = logging.getLogger("runbox_mta.net")
+
+# A peer that connects with implicit TLS and never finishes the handshake must
+# not hold a connection slot for long.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class ProtocolSpec(Protocol):
+    """What a protocol package registers: how to serve on one bound socket."""
+
+    async def start(self, listener: "BoundListener", services: "Services") -> asyncio.AbstractServer: ...
+
+
+@dataclass(frozen=True)
+class BoundListener:
+    config: ListenerConfig
+    sock: socket.socket
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def describe(self) -> str:
+        host, port = self.address
+        shown = f"[{host}]" if ":" in host else host
+        return f"{self.config.protocol} on {shown}:{port} (tls: {self.config.tls})"
+
+
+def bind_listener(config: ListenerConfig) -> BoundListener:
+    """Bind (as root if need be) and listen; the protocol starts serving later."""
+    family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and config.bind == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::" serves IPv4 too
+        sock.bind((config.bind, config.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise RunboxError(
+            f"cannot listen for {config.protocol} on {config.bind} port {config.port}: {error.strerror}"
+        ) from None
+    return BoundListener(config, sock)
+
+
+class ConnectionTracker:
+    """Admission limits and the set of live connection tasks, shared by all listeners."""
+
+    def __init__(self, per_address_limit: int) -> None:
+        self.per_address_limit = per_address_limit
+        self._per_address: Counter[str] = Counter()
+        self._per_listener: Counter[int] = Counter()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.crashes = 0
+
+    def admit(self, listener: ListenerConfig, ip: str) -> bool:
+        key = address_key(ip)
+        if self._per_listener[id(listener)] >= listener.max_connections:
+            return False
+        if self._per_address[key] >= self.per_address_limit:
+            return False
+        self._per_listener[id(listener)] += 1
+        self._per_address[key] += 1
+        return True
+
+    def release(self, listener: ListenerConfig, ip: str) -> None:
+        key = address_key(ip)
+        self._per_listener[id(listener)] -= 1
+        self._per_address[key] -= 1
+        if self._per_address[key] <= 0:
+            del self._per_address[key]
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def live(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to `grace` seconds for connections to end, then cancel the rest."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        leftovers = set(self._tasks)
+        for task in leftovers:
+            task.cancel()  # handlers answer a cancel with their shutdown reply
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=1.0)
+
+
+@dataclass
+class Connection:
+    """One admitted stream connection, as a stream-based protocol sees it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    listener: ListenerConfig
+    client_ip: str
+
+    @property
+    def tls_active(self) -> bool:
+        return self.writer.get_extra_info("ssl_object") is not None
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Upgrade in place (STARTTLS/STLS); anything the client pipelined in
+        plaintext after the command is discarded, never read as a command."""
+        self.reader._buffer.clear()  # type: ignore[attr-defined]  # RFC 3207 §4.2 / CVE-2011-0411
+        await self.writer.start_tls(context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+
+
+class IdleTimeout(Exception):
+    """The client sent nothing for the protocol's idle timeout."""
+
+
+async def read_some(reader: asyncio.StreamReader, timeout: float, limit: int = 65536) -> bytes:
+    """Read what has arrived (b'' at EOF), raising IdleTimeout after `timeout` of silence."""
+    try:
+        return await asyncio.wait_for(reader.read(limit), timeout)
+    except asyncio.TimeoutError:
+        raise IdleTimeout from None
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None]]
+
+
+async def serve_streams(
+    listener: BoundListener,
+    services: "Services",
+    handle: ConnectionHandler,
+    busy_reply: bytes,
+) -> asyncio.AbstractServer:
+    """Serve a stream protocol on a bound listener with the shared limits and tracking."""
+    tracker = services.connections
+    implicit_tls = services.tls.server_context() if listener.config.tls == "implicit" else None
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("unknown",)
+        ip = str(peer[0])
+        if not tracker.admit(listener.config, ip):
+            await _refuse(writer, busy_reply)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        tracker.track(task)
+        try:
+            await handle(Connection(reader, writer, listener.config, ip))
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass  # the client went away or broke TLS: nothing to answer
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            tracker.crashes += 1
+            log.exception("%s connection handler failed", listener.config.protocol)
+        finally:
+            tracker.release(listener.config, ip)
+            await _close(writer)
+
+    return await asyncio.start_server(
+        on_connect, sock=listener.sock, ssl=implicit_tls,
+        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+    )
+
+
+async def _refuse(writer: asyncio.StreamWriter, reply: bytes) -> None:
+    try:
+        writer.write(reply)
+        await asyncio.wait_for(writer.drain(), 5)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    await _close(writer)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), 5)
+    except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        pass
