@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", type=Path, help="directory for server.pem and server.key")
     generate.set_defaults(handler=cmd_certs_generate)
 
+    tls = _group(commands, "tls", "TLS policy")
+    tls.add_parser("audit", help="probe every listener's accepted TLS versions and ciphers").set_defaults(
+        handler=cmd_tls_audit
+    )
+
     _add_domain_commands(_group(commands, "domain", "hosted domains"))
     _add_user_commands(_group(commands, "user", "accounts"))
     _add_alias_commands(_group(commands, "alias", "aliases and catch-alls"))
@@ -263,6 +268,17 @@ def cmd_certs_generate(args: argparse.Namespace) -> int:
     write_self_signed(args.hostname, cert, key)
     print(f"wrote {cert} and {key}")
     return 0
+
+
+def cmd_tls_audit(args: argparse.Namespace) -> int:
+    from runbox_mta.tls_audit import audit, report
+
+    audits = asyncio.run(audit(config_from(args)))
+    print(report(audits))
+    if all(entry.ok for entry in audits):
+        print("every listener meets the policy: TLS 1.2 or newer, forward secrecy only")
+        return 0
+    return 1
 
 
 async def domain_add(store: "Store", args: argparse.Namespace, config: Config) -> None:
