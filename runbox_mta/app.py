@@ -64,11 +64,14 @@ def check_listeners(config: Config, registry: dict[str, ProtocolSpec]) -> None:
 
 
 def drop_privileges(user: str | None) -> None:
-    """Become `user` when started as root; refuse to serve as root unless told to."""
+    """Become `user` when started as root (after binding, before touching any state)."""
     if os.geteuid() != 0:
         return
     if not user:
-        raise RunboxError("refusing to serve as root: set `user` in the config to the account to run as")
+        # Development (scripts/serve as root) must just work; production runs
+        # unprivileged from the systemd unit, or names a user here.
+        log.warning("serving as root: set `user` in the config to drop privileges after binding")
+        return
     try:
         entry = pwd.getpwnam(user)
     except KeyError:

@@ -50,10 +50,9 @@ class FakeSystemd:
 
 def config_file(tmp_path: Path, database_url: str, extra: str = "") -> Path:
     generate_self_signed("localhost", tmp_path / "certs")
-    user = 'user = "root"\n' if os.geteuid() == 0 and "user" not in extra else ""
     path = tmp_path / "runbox-mta.toml"
     data_dir = "" if "data_dir" in extra else 'data_dir = "var"\n'
-    path.write_text(f'hostname = "mail.example.test"\n{data_dir}{user}{extra}\n'
+    path.write_text(f'hostname = "mail.example.test"\n{data_dir}{extra}\n'
                     f'[database]\nurl = "{database_url}"\n{TLS}')
     return path
 
@@ -138,12 +137,18 @@ def test_serve_started_as_root_drops_to_the_configured_user(tmp_path, database_u
     assert "Traceback" not in daemon.communicate()[1]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root is refused")
-def test_serve_refuses_root_without_a_user(tmp_path, database_url):
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gets the warning")
+def test_serve_as_root_without_a_user_warns(tmp_path, database_url):
     path = tmp_path / "c.toml"
     generate_self_signed("localhost", tmp_path / "certs")
-    path.write_text(f'hostname = "mail.example.test"\n[database]\nurl = "{database_url}"\n{TLS}')
-    result = subprocess.run([sys.executable, "-m", "runbox_mta", "--config", str(path), "serve"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
-    assert "refusing to serve as root" in result.stderr
+    path.write_text(f'hostname = "mail.example.test"\ndata_dir = "var"\n[database]\nurl = "{database_url}"\n{TLS}')
+    systemd = FakeSystemd()
+    daemon = start_serving(path, systemd)
+    try:
+        systemd.expect("READY=1")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=10) == 0
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert "serving as root: set `user` in the config" in daemon.communicate()[1]
