@@ -24,9 +24,12 @@ from typing import Any
 from runbox_mta import systemd
 from runbox_mta.auth.service import AuthService
 from runbox_mta.config import Config
+from runbox_mta.dns import Resolver
 from runbox_mta.errors import ConfigError, RunboxError
 from runbox_mta.log import client_label
 from runbox_mta.net.listener import BoundListener, ConnectionTracker, ProtocolSpec, bind_listener
+from runbox_mta.pop3.server import Pop3Protocol
+from runbox_mta.smtp.server import SmtpProtocol
 from runbox_mta.store import Store, open_store
 from runbox_mta.store.db import load_driver
 from runbox_mta.tls import TlsContextFactory
@@ -47,11 +50,16 @@ class Services:
     store: Store
     auth: AuthService
     connections: ConnectionTracker
+    resolver: Resolver  # [outbound] nameservers, or the system's
 
 
 def protocol_registry() -> dict[str, ProtocolSpec]:
     """The protocols this build serves, by config name; each protocol package adds itself here."""
-    return {}
+    return {
+        "smtp": SmtpProtocol(submission=False),
+        "submission": SmtpProtocol(submission=True),
+        "pop3": Pop3Protocol(),
+    }
 
 
 def check_listeners(config: Config, registry: dict[str, ProtocolSpec]) -> None:
@@ -116,6 +124,7 @@ class Daemon:
             config=self.config, tls=tls, store=store,
             auth=AuthService(store, self.config.auth, debug=self.config.debug),
             connections=ConnectionTracker(self.config.limits.connections_per_address),
+            resolver=Resolver(self.config.outbound.nameservers),
         )
         asyncio.get_running_loop().set_exception_handler(_private_exception_handler)
         for listener in self.listeners:

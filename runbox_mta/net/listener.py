@@ -34,6 +34,8 @@ log = logging.getLogger("runbox_mta.net")
 # A peer that connects with implicit TLS and never finishes the handshake must
 # not hold a connection slot for long.
 TLS_HANDSHAKE_TIMEOUT = 30.0
+# Exceptions that mean the client went away or broke TLS: nothing to answer, not a bug.
+CLIENT_GONE = (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError)
 
 
 class ProtocolSpec(Protocol):
@@ -179,8 +181,8 @@ async def serve_streams(
         tracker.track(task)
         try:
             await handle(Connection(reader, writer, listener.config, ip))
-        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
-            pass  # the client went away or broke TLS: nothing to answer
+        except CLIENT_GONE:
+            pass
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -194,6 +196,95 @@ async def serve_streams(
         on_connect, sock=listener.sock, ssl=implicit_tls,
         ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
     )
+
+
+class SessionProtocol(Protocol):
+    """What serve_protocol needs from the asyncio.Protocol of one connection (aiosmtpd's SMTP)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start serving; from here on the transport talks to this protocol directly."""
+
+    @property
+    def session_task(self) -> asyncio.Task[Any] | None:
+        """The task serving the connection, started by connection_made; its end ends the connection."""
+
+    def shutdown(self) -> None:
+        """The daemon is stopping: send the protocol's goodbye reply and close (no awaiting)."""
+
+
+SessionFactory = Callable[[str], SessionProtocol]  # client IP -> the connection's protocol
+
+
+async def serve_protocol(
+    listener: BoundListener,
+    services: "Services",
+    factory: SessionFactory,
+    busy_reply: bytes,
+) -> asyncio.AbstractServer:
+    """serve_streams for a Protocol-based server: the same admission limits, tracking and
+    crash accounting, with `factory` building each admitted connection's protocol."""
+    tracker = services.connections
+    implicit_tls = services.tls.server_context() if listener.config.tls == "implicit" else None
+    return await asyncio.get_running_loop().create_server(
+        lambda: _Gate(tracker, listener.config, factory, busy_reply), sock=listener.sock, ssl=implicit_tls,
+        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+    )
+
+
+class _Gate(asyncio.Protocol):
+    """The first protocol of every connection: admit it and hand the transport over, or refuse it.
+
+    Admission needs the peer address, which a protocol factory does not get,
+    so the gate decides in connection_made and then steps out of the way
+    (transport.set_protocol), leaving the session's protocol on the transport.
+    """
+
+    def __init__(self, tracker: ConnectionTracker, listener: ListenerConfig, factory: SessionFactory,
+                 busy_reply: bytes) -> None:
+        self._tracker = tracker
+        self._listener = listener
+        self._factory = factory
+        self._busy_reply = busy_reply
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername") or ("unknown",)
+        ip = str(peer[0])
+        if not self._tracker.admit(self._listener, ip):
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(self._busy_reply)
+            transport.close()
+            return
+        try:
+            session = self._factory(ip)
+            transport.set_protocol(session)
+            session.connection_made(transport)
+            task = session.session_task
+            assert task is not None, "connection_made must start the session task"
+        except Exception:
+            self._tracker.release(self._listener, ip)
+            self._tracker.crashes += 1
+            log.exception("%s session could not start", self._listener.protocol)
+            transport.abort()
+            return
+        task.add_done_callback(self._account)
+        self._tracker.track(asyncio.get_running_loop().create_task(self._supervise(session, task, ip)))
+
+    async def _supervise(self, session: SessionProtocol, task: asyncio.Task[Any], ip: str) -> None:
+        """Tracked in the session's place: on drain, `shutdown` says goodbye before the session is cancelled."""
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            session.shutdown()
+            task.cancel()
+            raise
+        finally:
+            self._tracker.release(self._listener, ip)
+
+    def _account(self, task: asyncio.Task[Any]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is not None and not isinstance(error, CLIENT_GONE):
+            self._tracker.crashes += 1
+            log.error("%s session failed", self._listener.protocol, exc_info=error)
 
 
 async def _refuse(writer: asyncio.StreamWriter, reply: bytes) -> None:

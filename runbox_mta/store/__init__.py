@@ -2,7 +2,8 @@
 
 Responsibility: domains, accounts, aliases, app passwords, mailboxes,
 messages and the outbound queue, on SQLite (default, one file, WAL) or
-PostgreSQL (several daemons sharing it), behind the async `Store` facade.
+PostgreSQL (several daemons sharing it), behind the async `Store` facade;
+who receives mail for an address, and quotas (recipients.py).
 
 Invariants:
 - Callers see frozen dataclasses (api.py), never ORM objects or sessions.
@@ -14,6 +15,8 @@ Invariants:
   under the mailbox's row lock: strictly increasing and gap-free per mailbox,
   across daemons too. UIDVALIDITY strictly increases per account.
 - Change events are published only after COMMIT (changes.py).
+- `accept_message` stores a message's local copies and its queue entry in
+  ONE transaction: a crash cannot keep one and lose the other.
 - Message bytes live in blobs shared by all local recipients of a delivery;
   a blob is deleted as soon as no message or queue entry refers to it, with
   SQLite secure_delete overwriting the freed bytes.
@@ -23,16 +26,17 @@ Invariants:
 """
 
 from runbox_mta.store.api import (
-    UNCHANGED, Account, Alias, Appended, AppPassword, AppPasswordCredential, Domain, LoginRecord,
+    UNCHANGED, Accepted, Account, Alias, Appended, AppPassword, AppPasswordCredential, Domain, LoginRecord,
     Mailbox, MessageInfo, QueuedRecipient, QueueEntry, Store, open_store,
 )
 from runbox_mta.store.changes import ChangeEvent, ChangeKind, ChangesLost, Subscription
 from runbox_mta.store.committer import CommitFailed, CommitStats
 from runbox_mta.store.db import schema_status, upgrade_schema
+from runbox_mta.store.recipients import LocalRecipient, QuotaExceeded, Resolution
 
 __all__ = [
-    "UNCHANGED", "Account", "Alias", "AppPassword", "AppPasswordCredential", "Appended", "ChangeEvent",
-    "ChangeKind", "ChangesLost", "CommitFailed", "CommitStats", "Domain", "LoginRecord", "Mailbox",
-    "MessageInfo", "QueueEntry", "QueuedRecipient", "Store", "Subscription", "open_store",
-    "schema_status", "upgrade_schema",
+    "UNCHANGED", "Accepted", "Account", "Alias", "AppPassword", "AppPasswordCredential", "Appended",
+    "ChangeEvent", "ChangeKind", "ChangesLost", "CommitFailed", "CommitStats", "Domain", "LocalRecipient",
+    "LoginRecord", "Mailbox", "MessageInfo", "QueueEntry", "QueuedRecipient", "QuotaExceeded", "Resolution",
+    "Store", "Subscription", "open_store", "schema_status", "upgrade_schema",
 ]

@@ -29,6 +29,8 @@ from runbox_mta.store.db import (
     connect, create_engine, in_chunks, require_current_schema, scrub_freed_pages,
 )
 from runbox_mta.store.flags import decode_flags, encode_flags
+from runbox_mta.store.maildrop import MaildropStore
+from runbox_mta.store.recipients import Resolution, check_quota, resolve, sender_addresses
 from runbox_mta.store.names import (
     INBOX, domain_of, normalise_address, normalise_alias_source, normalise_domain,
     normalise_mailbox_name,
@@ -138,6 +140,14 @@ class MessageInfo:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """What accept_message stored: the local copies, and the queue entry for remote recipients."""
+
+    appended: tuple[Appended, ...]
+    queue_id: int | None
+
+
+@dataclass(frozen=True)
 class QueuedRecipient:
     recipient: str
     status: str
@@ -169,7 +179,7 @@ async def open_store(url: str, *, data_dir: Path | None = None) -> Store:
     return Store(engine)
 
 
-class Store:
+class Store(MaildropStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._blobs = BlobStore()
@@ -496,31 +506,12 @@ class Store:
 
     async def _store_message(self, mailbox_ids: Sequence[int], data: bytes, flags: Iterable[str],
                              internal_date: datetime | None) -> list[Appended]:
-        system_flags, keywords = encode_flags(flags)
-        when = internal_date or datetime.now(UTC)
-        offset = when.utcoffset()
-        if offset is None:
-            raise ValueError("internal_date must be timezone-aware")
-        offset_minutes = int(offset.total_seconds() // 60)
+        copy = _new_copy(data, flags, internal_date)
         parsed = await _parse(data)
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> list[Appended]:
             blob_id = await self._blobs.put(conn, data, parsed)
-            appended: list[Appended | None] = [None] * len(mailbox_ids)
-            # Lock mailbox rows in id order, so two deliveries cannot deadlock each other.
-            for index in sorted(range(len(mailbox_ids)), key=mailbox_ids.__getitem__):
-                mailbox_id = mailbox_ids[index]
-                mailbox = await _next_modseq(conn, mailbox_id, new_uids=1)
-                uid = mailbox.uidnext - 1
-                await conn.execute(insert(m.Message).values(
-                    mailbox_id=mailbox_id, uid=uid, modseq=mailbox.highestmodseq, blob_id=blob_id,
-                    system_flags=system_flags, keywords=keywords, internal_date=when,
-                    internal_date_offset=offset_minutes, size=len(data),
-                ))
-                events.append(ChangeEvent(mailbox.account_id, mailbox_id, uid, mailbox.highestmodseq,
-                                          ChangeKind.APPEND))
-                appended[index] = Appended(mailbox_id, uid, mailbox.highestmodseq, mailbox.uidvalidity)
-            return [entry for entry in appended if entry is not None]
+            return await _insert_messages(conn, events, blob_id, mailbox_ids, copy)
 
         return await self._write(job)
 
@@ -590,14 +581,7 @@ class Store:
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> int:
             blob_id = await self._blobs.put(conn, data, parsed)
-            queue_id = (await conn.execute(
-                insert(m.QueueMessage).values(blob_id=blob_id, sender=sender).returning(m.QueueMessage.id)
-            )).scalar_one()
-            await conn.execute(insert(m.QueueRecipient), [
-                {"queue_message_id": queue_id, "recipient": address, "domain": domain_of(address)}
-                for address in addresses
-            ])
-            return queue_id
+            return await _insert_queue_entry(conn, blob_id, sender, addresses)
 
         return await self._write(job)
 
@@ -627,6 +611,46 @@ class Store:
 
         await self._write(job)
 
+    # --- SMTP delivery (recipients.py) -----------------------------------------------------
+
+    async def resolve_recipient(self, address: str) -> Resolution:
+        """Who receives mail for `address` (accounts, aliases, plus-addressing, catch-all); RunboxError
+        if it is not an address."""
+        async with connect(self._engine) as conn:
+            return await resolve(conn, address)
+
+    async def sender_addresses(self, account_address: str) -> frozenset[str]:
+        """The addresses an account may send as: its own and the exact aliases delivering to it."""
+        async with connect(self._engine) as conn:
+            return await sender_addresses(conn, normalise_address(account_address))
+
+    async def accept_message(self, sender: str, *, mailbox_ids: Sequence[int] = (), local_data: bytes = b"",
+                             remote_recipients: Sequence[str] = (), remote_data: bytes = b"") -> Accepted:
+        """Deliver `local_data` into each mailbox (one shared blob) and queue `remote_data` for the
+        remote recipients, in ONE transaction: a crash stores both or neither. QuotaExceeded (and
+        nothing stored) if a local copy would take an account over its quota."""
+        sender = normalise_address(sender) if sender else ""
+        addresses = [normalise_address(recipient) for recipient in remote_recipients]
+        if not mailbox_ids and not addresses:
+            raise ValueError("accept_message() needs a mailbox or a remote recipient")
+        copy = _new_copy(local_data, (), None)
+        local_parsed = await _parse(local_data) if mailbox_ids else None
+        remote_parsed = await _parse(remote_data) if addresses else None
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> Accepted:
+            appended: list[Appended] = []
+            queue_id = None
+            if local_parsed is not None:
+                await check_quota(conn, mailbox_ids, len(local_data))
+                blob_id = await self._blobs.put(conn, local_data, local_parsed)
+                appended = await _insert_messages(conn, events, blob_id, mailbox_ids, copy)
+            if remote_parsed is not None:
+                blob_id = await self._blobs.put(conn, remote_data, remote_parsed)
+                queue_id = await _insert_queue_entry(conn, blob_id, sender, addresses)
+            return Accepted(tuple(appended), queue_id)
+
+        return await self._write(job)
+
 
 class _NothingToExpunge(Exception):
     """Raised inside an expunge job to roll its savepoint back (no MODSEQ is spent on nothing)."""
@@ -637,6 +661,57 @@ async def _parse(data: bytes) -> dict[str, Any]:
     if len(data) > INLINE_PARSE_LIMIT:
         return await asyncio.to_thread(parse_metadata, data)
     return parse_metadata(data)
+
+
+@dataclass(frozen=True)
+class _NewCopy:
+    """What every mailbox's copy of one stored message gets."""
+
+    size: int
+    system_flags: int
+    keywords: str
+    internal_date: datetime
+    offset_minutes: int
+
+
+def _new_copy(data: bytes, flags: Iterable[str], internal_date: datetime | None) -> _NewCopy:
+    system_flags, keywords = encode_flags(flags)
+    when = internal_date or datetime.now(UTC)
+    offset = when.utcoffset()
+    if offset is None:
+        raise ValueError("internal_date must be timezone-aware")
+    return _NewCopy(len(data), system_flags, keywords, when, int(offset.total_seconds() // 60))
+
+
+async def _insert_messages(conn: AsyncConnection, events: list[ChangeEvent], blob_id: int,
+                           mailbox_ids: Sequence[int], copy: _NewCopy) -> list[Appended]:
+    """One message row per mailbox, all on `blob_id`; results in the order of `mailbox_ids`."""
+    appended: list[Appended | None] = [None] * len(mailbox_ids)
+    # Lock mailbox rows in id order, so two deliveries cannot deadlock each other.
+    for index in sorted(range(len(mailbox_ids)), key=mailbox_ids.__getitem__):
+        mailbox_id = mailbox_ids[index]
+        mailbox = await _next_modseq(conn, mailbox_id, new_uids=1)
+        uid = mailbox.uidnext - 1
+        await conn.execute(insert(m.Message).values(
+            mailbox_id=mailbox_id, uid=uid, modseq=mailbox.highestmodseq, blob_id=blob_id,
+            system_flags=copy.system_flags, keywords=copy.keywords, internal_date=copy.internal_date,
+            internal_date_offset=copy.offset_minutes, size=copy.size,
+        ))
+        events.append(ChangeEvent(mailbox.account_id, mailbox_id, uid, mailbox.highestmodseq,
+                                  ChangeKind.APPEND))
+        appended[index] = Appended(mailbox_id, uid, mailbox.highestmodseq, mailbox.uidvalidity)
+    return [entry for entry in appended if entry is not None]
+
+
+async def _insert_queue_entry(conn: AsyncConnection, blob_id: int, sender: str, addresses: Sequence[str]) -> int:
+    queue_id = (await conn.execute(
+        insert(m.QueueMessage).values(blob_id=blob_id, sender=sender).returning(m.QueueMessage.id)
+    )).scalar_one()
+    await conn.execute(insert(m.QueueRecipient), [
+        {"queue_message_id": queue_id, "recipient": address, "domain": domain_of(address)}
+        for address in addresses
+    ])
+    return queue_id
 
 
 # --- queries shared by several methods -----------------------------------------------------

@@ -1,0 +1,164 @@
+"""The store methods SMTP delivery relies on, on SQLite and (with RUNBOX_TEST_DATABASE_URL) PostgreSQL:
+recipient resolution, sender addresses, quota, and local delivery + queueing in one transaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from runbox_mta.errors import RunboxError
+from runbox_mta.store import Account, QuotaExceeded, Store
+from runbox_mta.store import api
+from runbox_mta.store.recipients import without_tag
+
+MESSAGE = b"From: a@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+async def alice(store: Store) -> Account:
+    await store.add_domain("example.test", "sel1", "PEM")
+    return await store.add_account("alice@example.test", "hash-a")
+
+
+@pytest.fixture
+async def bob(store: Store, alice: Account) -> Account:
+    return await store.add_account("bob@example.test", "hash-b")
+
+
+async def local_addresses(store: Store, address: str) -> list[str]:
+    return sorted(recipient.address for recipient in (await store.resolve_recipient(address)).local)
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("alice+news@example.test", "alice@example.test"),
+    ("alice+a+b@example.test", "alice@example.test"),
+    ("alice@example.test", "alice@example.test"),
+    ("+tag@example.test", "+tag@example.test"),
+])
+def test_without_tag(address: str, expected: str) -> None:
+    assert without_tag(address) == expected
+
+
+async def test_an_account_resolves_to_its_inbox_and_junk(store: Store, alice: Account) -> None:
+    resolution = await store.resolve_recipient("Alice@Example.TEST")
+    assert resolution.address == "alice@example.test" and resolution.hosted and not resolution.unknown
+    (recipient,) = resolution.local
+    assert recipient.account_id == alice.id
+    assert recipient.inbox_id == (await store.get_mailbox(alice.id, "INBOX")).id
+    assert recipient.junk_id == (await store.get_mailbox(alice.id, "Junk")).id
+    assert resolution.remote == ()
+
+
+async def test_unknown_and_foreign_addresses(store: Store, alice: Account) -> None:
+    unknown = await store.resolve_recipient("nobody@example.test")
+    assert unknown.unknown and unknown.hosted
+    foreign = await store.resolve_recipient("someone@Elsewhere.example")
+    assert not foreign.hosted and not foreign.unknown
+    assert foreign.remote == ("someone@elsewhere.example",) and foreign.local == ()
+    with pytest.raises(RunboxError):
+        await store.resolve_recipient("not an address")
+
+
+async def test_plus_addressing_falls_back_to_the_user_but_an_exact_match_wins(store: Store, alice: Account,
+                                                                               bob: Account) -> None:
+    assert await local_addresses(store, "alice+lists@example.test") == ["alice@example.test"]
+    await store.add_alias("alice+shop@example.test", "bob@example.test")
+    assert await local_addresses(store, "alice+shop@example.test") == ["bob@example.test"]
+
+
+async def test_aliases_with_several_local_and_remote_targets(store: Store, alice: Account, bob: Account) -> None:
+    await store.add_alias("team@example.test", "alice@example.test")
+    await store.add_alias("team@example.test", "bob@example.test")
+    await store.add_alias("team@example.test", "carol@elsewhere.example")
+    resolution = await store.resolve_recipient("team+x@example.test")
+    assert sorted(r.address for r in resolution.local) == ["alice@example.test", "bob@example.test"]
+    assert resolution.remote == ("carol@elsewhere.example",)
+
+
+async def test_recursive_aliases_and_loops(store: Store, alice: Account) -> None:
+    await store.add_alias("a@example.test", "b@example.test")
+    await store.add_alias("b@example.test", "alice@example.test")
+    await store.add_alias("b@example.test", "a@example.test")  # a loop back to the start
+    assert await local_addresses(store, "a@example.test") == ["alice@example.test"]
+    await store.add_alias("x@example.test", "y@example.test")
+    await store.add_alias("y@example.test", "x@example.test")
+    assert (await store.resolve_recipient("x@example.test")).unknown
+
+
+async def test_an_alias_on_an_account_redirects_unless_it_keeps_a_copy(store: Store, alice: Account,
+                                                                       bob: Account) -> None:
+    await store.add_alias("alice@example.test", "bob@example.test")
+    assert await local_addresses(store, "alice@example.test") == ["bob@example.test"]
+    await store.add_alias("alice@example.test", "alice@example.test")
+    assert await local_addresses(store, "alice@example.test") == ["alice@example.test", "bob@example.test"]
+
+
+async def test_catch_all_takes_only_what_nobody_else_has(store: Store, alice: Account, bob: Account) -> None:
+    await store.add_alias("@example.test", "bob@example.test")
+    assert await local_addresses(store, "whatever@example.test") == ["bob@example.test"]
+    assert await local_addresses(store, "alice+tag@example.test") == ["alice@example.test"]
+
+
+async def test_a_disabled_account_receives_nothing_and_its_address_stays_reserved(
+        store: Store, alice: Account, bob: Account) -> None:
+    await store.add_alias("@example.test", "bob@example.test")
+    await store.remove_account("alice@example.test", purge=False)
+    assert (await store.resolve_recipient("alice@example.test")).unknown
+    await store.add_alias("old@example.test", "alice@example.test")
+    assert (await store.resolve_recipient("old@example.test")).unknown
+
+
+async def test_sender_addresses_are_the_account_and_its_exact_aliases(store: Store, alice: Account,
+                                                                     bob: Account) -> None:
+    await store.add_alias("sales@example.test", "alice@example.test")
+    await store.add_alias("@example.test", "alice@example.test")
+    await store.add_alias("info@example.test", "bob@example.test")
+    assert await store.sender_addresses("ALICE@example.test") == {"alice@example.test", "sales@example.test"}
+
+
+async def test_accept_message_delivers_and_queues_in_one_transaction(store: Store, alice: Account,
+                                                                     bob: Account) -> None:
+    inboxes = [(await store.get_mailbox(account.id, "INBOX")).id for account in (alice, bob)]
+    local = b"Return-Path: <a@example.net>\r\n" + MESSAGE
+    accepted = await store.accept_message("a@example.net", mailbox_ids=inboxes, local_data=local,
+                                          remote_recipients=["x@elsewhere.example"], remote_data=MESSAGE)
+    assert [entry.mailbox_id for entry in accepted.appended] == inboxes
+    for entry in accepted.appended:
+        assert await store.read_message(entry.mailbox_id, entry.uid) == local
+    (queued,) = await store.list_queue()
+    assert queued.id == accepted.queue_id and queued.sender == "a@example.net"
+    assert [r.recipient for r in queued.recipients] == ["x@elsewhere.example"] and queued.size == len(MESSAGE)
+
+
+async def test_accept_message_stores_nothing_when_queueing_fails(store: Store, alice: Account,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    inbox = await store.get_mailbox(alice.id, "INBOX")
+
+    async def broken(*args: object) -> int:
+        raise RuntimeError("queue insert failed")
+
+    monkeypatch.setattr(api, "_insert_queue_entry", broken)
+    with pytest.raises(RuntimeError):
+        await store.accept_message("", mailbox_ids=[inbox.id], local_data=MESSAGE,
+                                   remote_recipients=["x@elsewhere.example"], remote_data=MESSAGE)
+    assert await store.list_messages(inbox.id) == []
+
+
+async def test_quota_counts_every_copy_and_refuses_the_whole_message(store: Store, alice: Account,
+                                                                    bob: Account) -> None:
+    await store.update_account("alice@example.test", quota_bytes=2 * len(MESSAGE) + 10)
+    inbox = await store.get_mailbox(alice.id, "INBOX")
+    junk = await store.get_mailbox(alice.id, "Junk")
+    bob_inbox = await store.get_mailbox(bob.id, "INBOX")
+    await store.accept_message("", mailbox_ids=[inbox.id, junk.id], local_data=MESSAGE)
+    (recipient,) = (await store.resolve_recipient("alice@example.test")).local
+    assert recipient.used_bytes == 2 * len(MESSAGE) and recipient.quota_bytes == 2 * len(MESSAGE) + 10
+    assert recipient.has_room_for(10) and not recipient.has_room_for(11)
+    with pytest.raises(QuotaExceeded) as caught:
+        await store.accept_message("", mailbox_ids=[bob_inbox.id, inbox.id], local_data=MESSAGE)
+    assert caught.value.addresses == ("alice@example.test",)
+    assert await store.list_messages(bob_inbox.id) == []
+
+
+async def test_accept_message_needs_somewhere_to_put_it(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.accept_message("a@example.net")
