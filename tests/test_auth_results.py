@@ -177,6 +177,20 @@ async def test_dkim_pass(dns_server: DnsServer, bits: int) -> None:
     assert result.dkim == (DkimResult("pass", "example.test", "sel"),)
 
 
+async def test_dkim_ed25519_signature_passes(dns_server: DnsServer) -> None:
+    """RFC 8463 Ed25519 keys are short enough for any DNS provider; more senders use them."""
+    from nacl.signing import SigningKey
+
+    key = SigningKey.generate()
+    dns_server.add_txt("ed._domainkey.example.test",
+                       f"v=DKIM1; k=ed25519; p={base64.b64encode(bytes(key.verify_key)).decode()}")
+    data = message()
+    signature = dkim.sign(data, b"ed", b"example.test", base64.b64encode(bytes(key)),
+                          include_headers=[b"from", b"to", b"subject"], signature_algorithm=b"ed25519-sha256")
+    result = await check(dns_server, signature + data)
+    assert result.dkim == (DkimResult("pass", "example.test", "ed"),)
+
+
 async def test_dkim_fails_after_a_body_change(dns_server: DnsServer) -> None:
     publish_key(dns_server)
     signed = sign(message())

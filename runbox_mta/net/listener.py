@@ -140,7 +140,12 @@ class Connection:
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
         """Upgrade in place (STARTTLS/STLS); anything the client pipelined in
-        plaintext after the command is discarded, never read as a command."""
+        plaintext after the command is discarded, never read as a command.
+
+        Call it right after writing the "go ahead" reply, with no await in
+        between: once the client has that reply its ClientHello may arrive,
+        and if it lands in the plaintext buffer first it is discarded here
+        and the handshake hangs. (writer.start_tls flushes the reply itself.)"""
         self.reader._buffer.clear()  # type: ignore[attr-defined]  # RFC 3207 §4.2 / CVE-2011-0411
         await self.writer.start_tls(context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
 
