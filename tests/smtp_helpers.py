@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -23,11 +22,11 @@ import uvloop
 from runbox_mta.app import Daemon
 from runbox_mta.auth.app_passwords import generate_app_password, normalise_app_password
 from runbox_mta.auth.passwords import PasswordHasher
-from runbox_mta.certs import generate_self_signed
 from runbox_mta.config import load_config
 from runbox_mta.domains import dkim_public_record, new_dkim_key
 from runbox_mta.smtp import codes
 from runbox_mta.store import Mailbox, Store
+from tests.daemon_config import listener_block, write_daemon_config
 from tests.dns_server import DnsServer, dns_server  # noqa: F401  (a fixture the ones here use)
 
 T = TypeVar("T")
@@ -60,33 +59,9 @@ def dkim_dns_record() -> bytes:
 def write_config(tmp_path: Path, database_url: str, nameserver: str,
                  listeners: Sequence[tuple[str, str]] = MAIL_LISTENERS, *, limits: str = "",
                  auth: str = "free_failures = 100") -> Path:
-    certs = tmp_path / "certs"
-    if not (certs / "server.pem").exists():
-        generate_self_signed("localhost", certs)
-    blocks = "".join(f'[[listeners]]\nprotocol = "{protocol}"\nbind = "127.0.0.1"\nport = 0\ntls = "{tls}"\n'
-                     for protocol, tls in listeners)
-    user = 'user = "root"' if os.geteuid() == 0 else ""
-    path = tmp_path / "runbox-mta.toml"
-    path.write_text(f'''
-hostname = "{HOSTNAME}"
-{user}
-data_dir = "{tmp_path / 'var'}"
-[database]
-url = "{database_url}"
-[tls]
-cert = "certs/server.pem"
-key = "certs/server.key"
-[auth]
-argon2_time_cost = 1
-argon2_memory_kib = 64
-argon2_parallelism = 1
-{auth}
-[limits]
-{limits}
-[outbound]
-nameservers = ["{nameserver}"]
-{blocks}''')
-    return path
+    blocks = "".join(listener_block(protocol, tls) for protocol, tls in listeners)
+    return write_daemon_config(tmp_path, database_url, listeners=blocks, limits=limits, auth=auth,
+                               outbound=f'nameservers = ["{nameserver}"]', hostname=HOSTNAME)
 
 
 async def populate(daemon: Daemon) -> None:

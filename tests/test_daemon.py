@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from runbox_mta.app import Daemon, check_listeners
-from runbox_mta.certs import generate_self_signed
 from runbox_mta.config import load_config
 from runbox_mta.errors import ConfigError
 from runbox_mta.net.listener import IdleTimeout, read_some, serve_streams
+from tests.daemon_config import listener_block, write_daemon_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -50,31 +50,11 @@ class EchoProtocol:
 
 
 def make_config(tmp_path: Path, database_url: str, listeners: str, limits: str = "") -> Path:
-    certs = tmp_path / "certs"
-    if not (certs / "server.pem").exists():
-        generate_self_signed("localhost", certs)
-    path = tmp_path / "runbox-mta.toml"
-    path.write_text(f'''
-hostname = "mail.example.test"
-data_dir = "{tmp_path / 'var'}"
-[database]
-url = "{database_url}"
-[tls]
-cert = "certs/server.pem"
-key = "certs/server.key"
-[auth]
-argon2_time_cost = 1
-argon2_memory_kib = 64
-argon2_parallelism = 1
-[limits]
-{limits}
-{listeners}
-''')
-    return path
+    return write_daemon_config(tmp_path, database_url, listeners=listeners, limits=limits)
 
 
-def listener(port: int = 0, tls: str = "none", extra: str = "") -> str:
-    return f'[[listeners]]\nprotocol = "smtp"\nbind = "127.0.0.1"\nport = {port}\ntls = "{tls}"\n{extra}\n'
+def listener(tls: str = "none", extra: str = "") -> str:
+    return listener_block("smtp", tls, extra)  # the echo protocol stands in for smtp
 
 
 @pytest.fixture

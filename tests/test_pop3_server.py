@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import poplib
 import socket
 import ssl
@@ -29,6 +28,7 @@ from runbox_mta.pop3 import session as session_module
 from runbox_mta.pop3.server import Pop3Protocol
 from runbox_mta.store import ChangeKind, CommitFailed, Store, open_store
 from runbox_mta.store import models as m
+from tests.daemon_config import listener_block, write_daemon_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,29 +105,8 @@ class ServingDaemon:
 
 
 def write_config(tmp_path: Path, database_url: str, limits: str, extra: str) -> Path:
-    user = 'user = "root"' if os.geteuid() == 0 else ""
-    listeners = "".join(
-        f'[[listeners]]\nprotocol = "pop3"\nbind = "127.0.0.1"\nport = 0\ntls = "{tls}"\n{extra}\n'
-        for tls in ("starttls", "implicit"))
-    path = tmp_path / "runbox-mta.toml"
-    path.write_text(f'''
-hostname = "mail.example.test"
-{user}
-data_dir = "{tmp_path / 'var'}"
-[database]
-url = "{database_url}"
-[tls]
-cert = "certs/server.pem"
-key = "certs/server.key"
-[auth]
-argon2_time_cost = 1
-argon2_memory_kib = 64
-argon2_parallelism = 1
-[limits]
-{limits}
-{listeners}
-''')
-    return path
+    listeners = "".join(listener_block("pop3", tls, extra) for tls in ("starttls", "implicit"))
+    return write_daemon_config(tmp_path, database_url, listeners=listeners, limits=limits)
 
 
 @pytest.fixture
