@@ -8,17 +8,14 @@ import base64
 import poplib
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 import uvloop
 from sqlalchemy import select
 
-from runbox_mta.app import Daemon
 from runbox_mta.auth.app_passwords import generate_app_password, normalise_app_password
 from runbox_mta.auth.passwords import PasswordHasher
 from runbox_mta.certs import generate_self_signed
@@ -26,13 +23,13 @@ from runbox_mta.config import Config, load_config
 from runbox_mta.pop3.message import transmitted_size
 from runbox_mta.pop3 import session as session_module
 from runbox_mta.pop3.server import Pop3Protocol
-from runbox_mta.store import ChangeKind, CommitFailed, Store, open_store
+from runbox_mta.store import ChangeKind, CommitFailed, open_store
 from runbox_mta.store import models as m
 from tests.daemon_config import listener_block, write_daemon_config
+from tests.threaded_daemon import ThreadedDaemon
 
 pytestmark = pytest.mark.timeout(60)
 
-T = TypeVar("T")
 ADDRESS = "ola@example.test"
 PASSWORD = "correct horse battery staple"
 MESSAGES = [
@@ -44,64 +41,15 @@ LOOPS = pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_
                                 ids=["asyncio", "uvloop"])
 
 
-class ServingDaemon:
-    """A daemon serving POP3 on its own event loop in a thread, so blocking clients
-    (poplib) can talk to it from the test; `call` runs a coroutine on that loop."""
+class ServingDaemon(ThreadedDaemon):
+    """A daemon serving POP3 for blocking clients (poplib)."""
 
     def __init__(self, config: Config, new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
-        self.config = config
+        super().__init__(config, {"pop3": Pop3Protocol()}, new_loop)
         self.expected_crashes = 0
-        self.loop = new_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.daemon = Daemon(config, registry={"pop3": Pop3Protocol()})
-        self.call(self.daemon.start())
-
-    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
-
-    @property
-    def store(self) -> Store:
-        assert self.daemon.services is not None
-        return self.daemon.services.store
-
-    def port(self, tls: str) -> int:
-        return next(listener.address[1] for listener in self.daemon.listeners if listener.config.tls == tls)
-
-    def stop(self) -> int:
-        """Stop; returns the number of connection handlers that crashed."""
-        self.call(self.daemon.stop(grace=0.5))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-        assert self.daemon.services is not None
-        return self.daemon.services.connections.crashes
 
     def populate(self, messages: list[bytes] = MESSAGES, **policy: bool) -> tuple[int, int]:
-        """The test account with `messages` in its INBOX; returns (account id, INBOX id)."""
-        hasher = PasswordHasher(self.config.auth)
-        try:
-            password_hash = hasher.hash(PASSWORD)
-        finally:
-            hasher.close()
-
-        async def setup() -> tuple[int, int]:
-            await self.store.add_domain("example.test", "sel", "PEM")
-            account = await self.store.add_account(ADDRESS, password_hash)
-            if policy:
-                await self.store.update_account(ADDRESS, **policy)
-            inbox = await self.store.get_mailbox(account.id, "INBOX")
-            for data in messages:
-                await self.store.append(inbox.id, data)
-            return account.id, inbox.id
-
-        return self.call(setup())
-
-    def uids(self, mailbox_id: int) -> list[int]:
-        async def uids() -> list[int]:
-            return [message.uid for message in await self.store.list_messages(mailbox_id)]
-
-        return self.call(uids())
+        return self.add_account(ADDRESS, PASSWORD, messages, **policy)
 
 
 def write_config(tmp_path: Path, database_url: str, limits: str, extra: str) -> Path:

@@ -17,9 +17,12 @@ from sqlalchemy import delete, exists, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runbox_mta.errors import NotFound
+from runbox_mta.imap.mime import parse_structure
 from runbox_mta.store import models as m
 from runbox_mta.store.db import in_chunks
 
+# Key in blobs.parsed: imap.mime.MessageStructure.to_json() of the blob's bytes.
+STRUCTURE_KEY = "structure"
 # RFC 5322 §2.1: the header ends at the first empty line. CRLF is canonical;
 # a bare LF is tolerated because IMAP APPEND and imports bring what they bring.
 _EMPTY_LINE = re.compile(rb"(?:^|\n)\r?\n")
@@ -31,7 +34,9 @@ def parse_metadata(data: bytes) -> dict[str, Any]:
     header_size = match.end() if match else len(data)
     body = data[header_size:]
     body_lines = body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
-    return {"size": len(data), "header_size": header_size, "body_lines": body_lines}
+    # The MIME structure IMAP's ENVELOPE, BODYSTRUCTURE and sections need, parsed once here.
+    structure = parse_structure(data).to_json()
+    return {"size": len(data), "header_size": header_size, "body_lines": body_lines, STRUCTURE_KEY: structure}
 
 
 class BlobStore:

@@ -1,0 +1,434 @@
+"""What IMAP needs from the store: mailbox snapshots, changes since a MODSEQ,
+flag updates, copies and moves, and mailbox management.
+
+`MailStore` is mixed into `Store` (api.py). Every write is a committer job
+that takes the mailbox's next MODSEQ first (`_next_modseq` row-locks the
+mailbox), so MODSEQs stay strictly increasing per mailbox, across daemons.
+
+Cross-session updates are computed from the database, not from events:
+`changes_since(mailbox, modseq)` reads the rows whose MODSEQ grew (index
+mailbox_id, modseq) and the expunge tombstones, so a session learns what any
+session on any daemon changed. The change bus only wakes IDLE early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import BigInteger, Row, bindparam, case, cast, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
+from runbox_mta.store import models as m
+from runbox_mta.store.blobs import BlobStore
+from runbox_mta.store.changes import ChangeEvent, ChangeKind
+from runbox_mta.store.db import connect, in_chunks, scrub_freed_pages
+from runbox_mta.store.flags import SYSTEM_FLAGS, decode_flags, encode_flags
+from runbox_mta.store.names import HIERARCHY_DELIMITER, INBOX, normalise_mailbox_name
+from runbox_mta.store.recipients import check_quota
+
+if TYPE_CHECKING:
+    from runbox_mta.store.committer import Job
+
+T = TypeVar("T")
+
+_SEEN = SYSTEM_FLAGS["\\Seen"]
+_DELETED = SYSTEM_FLAGS["\\Deleted"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A mailbox as SELECT sees it: its counters and the UIDs, ascending."""
+
+    mailbox_id: int
+    name: str
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    uids: list[int]
+    keywords: frozenset[str]
+
+
+@dataclass(frozen=True)
+class FlagChange:
+    uid: int
+    modseq: int
+    flags: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Changes:
+    highestmodseq: int
+    uidnext: int
+    changed: tuple[FlagChange, ...]  # new or changed messages, UID order
+    expunged: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    uid: int
+    modseq: int
+    flags: frozenset[str]
+    internal_date: datetime
+    size: int
+    parsed: dict[str, Any] | None
+    data: bytes | None  # only when asked for
+
+
+@dataclass(frozen=True)
+class FlagUpdate:
+    changed: tuple[FlagChange, ...]
+    modified: tuple[int, ...]  # UIDs refused by UNCHANGEDSINCE (RFC 7162 §3.1.3)
+    unchanged: tuple[FlagChange, ...]  # matched, flags already as asked
+
+
+@dataclass(frozen=True)
+class Copied:
+    uidvalidity: int
+    source_uids: tuple[int, ...]
+    target_uids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MailboxCounts:
+    messages: int
+    unseen: int
+    deleted: int
+    size: int
+    deleted_size: int  # octets of the messages flagged \Deleted
+
+
+class _Nothing(Exception):
+    """Rolls a job's savepoint back when it changed nothing (no MODSEQ is spent)."""
+
+
+class MailStore:
+    """The IMAP part of `Store`."""
+
+    if TYPE_CHECKING:
+        _engine: AsyncEngine
+        _blobs: BlobStore
+
+        async def _write(self, job: Job[T]) -> T: ...
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def snapshot(self, account_id: int, name: str) -> Snapshot:
+        """The mailbox's counters and UIDs, read in one transaction so they agree."""
+        name = normalise_mailbox_name(name)
+        async with connect(self._engine) as conn, conn.begin():
+            box = (await conn.execute(
+                select(m.Mailbox.id, m.Mailbox.name, m.Mailbox.uidvalidity, m.Mailbox.uidnext,
+                       m.Mailbox.highestmodseq)
+                .where(m.Mailbox.account_id == account_id, m.Mailbox.name == name))).one_or_none()
+            if box is None:
+                raise NotFound(f"no such mailbox: {name}")
+            uids = await _all_uids(conn, box.id)
+            keyword_rows = await conn.scalars(select(m.Message.keywords).distinct().where(
+                m.Message.mailbox_id == box.id, m.Message.keywords != ""))
+        keywords = frozenset(word for text in keyword_rows for word in text.split())
+        return Snapshot(box.id, box.name, box.uidvalidity, box.uidnext, box.highestmodseq, uids, keywords)
+
+    async def changes_since(self, mailbox_id: int, modseq: int) -> Changes:
+        async with connect(self._engine) as conn, conn.begin():
+            box = (await conn.execute(select(m.Mailbox.highestmodseq, m.Mailbox.uidnext)
+                                      .where(m.Mailbox.id == mailbox_id))).one_or_none()
+            if box is None:
+                raise NotFound(f"no such mailbox id: {mailbox_id}")
+            if box.highestmodseq <= modseq:
+                return Changes(box.highestmodseq, box.uidnext, (), ())
+            rows = (await conn.execute(
+                select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
+                .where(m.Message.mailbox_id == mailbox_id, m.Message.modseq > modseq).order_by(m.Message.uid)
+            )).all()
+            expunged = await conn.scalars(select(m.Expunged.uid).where(
+                m.Expunged.mailbox_id == mailbox_id, m.Expunged.modseq > modseq).order_by(m.Expunged.uid))
+            return Changes(box.highestmodseq, box.uidnext, tuple(_change(row) for row in rows), tuple(expunged))
+
+    async def message_rows(self, mailbox_id: int, uids: Sequence[int], *, data: bool,
+                           changedsince: int | None = None) -> list[MessageRow]:
+        """The messages among `uids` (ascending) that still exist, optionally with their bytes."""
+        columns = [m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords,
+                   m.Message.internal_date, m.Message.internal_date_offset, m.Message.size, m.Blob.parsed]
+        if data:
+            columns.append(m.Blob.data)
+        rows: list[Row[Any]] = []
+        async with connect(self._engine) as conn:
+            for chunk in in_chunks(uids):
+                query = (select(*columns).join(m.Blob, m.Blob.id == m.Message.blob_id)
+                         .where(m.Message.mailbox_id == mailbox_id, m.Message.uid.in_(chunk)))
+                if changedsince is not None:
+                    query = query.where(m.Message.modseq > changedsince)
+                rows += (await conn.execute(query.order_by(m.Message.uid))).all()
+        return [MessageRow(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords),
+                           _internal_date(row), row.size, row.parsed, row.data if data else None)
+                for row in rows]
+
+    async def mailbox_counts(self, mailbox_id: int) -> MailboxCounts:
+        """STATUS numbers (RFC 9051 §6.3.11) in one aggregate query."""
+        async with connect(self._engine) as conn:
+            row = (await conn.execute(select(
+                func.count(),
+                func.coalesce(func.sum(case(((m.Message.system_flags.op("&")(_SEEN)) == 0, 1), else_=0)), 0),
+                func.coalesce(func.sum(case(((m.Message.system_flags.op("&")(_DELETED)) != 0, 1), else_=0)), 0),
+                cast(func.coalesce(func.sum(m.Message.size), 0), BigInteger),
+                cast(func.coalesce(func.sum(case(((m.Message.system_flags.op("&")(_DELETED)) != 0, m.Message.size),
+                                                 else_=0)), 0), BigInteger),
+            ).where(m.Message.mailbox_id == mailbox_id))).one()
+        return MailboxCounts(*(int(value) for value in row))
+
+    # --- writing --------------------------------------------------------------------------
+
+    async def update_flags(self, mailbox_id: int, uids: Sequence[int], mode: str, flags: Iterable[str],
+                           unchangedsince: int | None = None) -> FlagUpdate:
+        """STORE: "+" adds, "-" removes, "" replaces; each changed message gets the new MODSEQ."""
+        bits, keyword_text = encode_flags(flags)
+        keywords = set(keyword_text.split())
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> FlagUpdate:
+            modseq = (await _next_modseq(conn, mailbox_id)).highestmodseq
+            changed, modified, unchanged, updates = [], [], [], []
+            for chunk in in_chunks(uids):
+                rows = (await conn.execute(
+                    select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
+                    .where(m.Message.mailbox_id == mailbox_id, m.Message.uid.in_(chunk)).order_by(m.Message.uid)
+                )).all()
+                for row in rows:
+                    if unchangedsince is not None and row.modseq > unchangedsince:
+                        modified.append(row.uid)
+                        continue
+                    new_bits, new_keywords = _apply(mode, row.system_flags, set(row.keywords.split()),
+                                                    bits, keywords)
+                    if new_bits == row.system_flags and new_keywords == row.keywords:
+                        unchanged.append(_change(row))
+                        continue
+                    updates.append({"row_uid": row.uid, "bits": new_bits, "words": new_keywords})
+                    changed.append(FlagChange(row.uid, modseq, decode_flags(new_bits, new_keywords)))
+            if not updates:
+                raise _Nothing(FlagUpdate((), tuple(modified), tuple(unchanged)))
+            await conn.execute(
+                update(m.Message).where(m.Message.mailbox_id == mailbox_id, m.Message.uid == bindparam("row_uid"))
+                .values(system_flags=bindparam("bits"), keywords=bindparam("words"), modseq=modseq),
+                updates)
+            return FlagUpdate(tuple(changed), tuple(modified), tuple(unchanged))
+
+        try:
+            return await self._write(job)
+        except _Nothing as nothing:
+            return nothing.args[0]  # type: ignore[no-any-return]
+
+    async def append_checked(self, mailbox_id: int, data: bytes, flags: Iterable[str],
+                             internal_date: datetime | None) -> tuple[int, int]:
+        """APPEND with the quota checked in the same transaction; (uidvalidity, uid)."""
+        from runbox_mta.store.api import _insert_messages, _new_copy, _parse  # api imports this module
+
+        copy = _new_copy(data, flags, internal_date)
+        parsed = await _parse(data)
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> tuple[int, int]:
+            await check_quota(conn, [mailbox_id], len(data))
+            blob_id = await self._blobs.put(conn, data, parsed)
+            appended = (await _insert_messages(conn, events, blob_id, [mailbox_id], copy))[0]
+            return appended.uidvalidity, appended.uid
+
+        return await self._write(job)
+
+    async def copy_messages(self, source_id: int, uids: Sequence[int], target_id: int, *,
+                            move: bool) -> Copied:
+        """COPY or MOVE (RFC 4315 §3 COPYUID, RFC 6851): new UIDs in the target, in source UID order."""
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> tuple[Copied, bool]:
+            copied = await _copy_rows(conn, events, source_id, uids, target_id)
+            scrub = False
+            if move and copied.source_uids:
+                scrub = await self._expunge_rows(conn, events, source_id, copied.source_uids)
+            return copied, scrub
+
+        copied, scrub = await self._write(job)
+        if scrub:
+            await scrub_freed_pages(self._engine)
+        return copied
+
+    async def _expunge_rows(self, conn: AsyncConnection, events: list[ChangeEvent], mailbox_id: int,
+                            uids: Sequence[int]) -> bool:
+        """Delete messages, leave tombstones, release blobs; True if the account is No Backup."""
+        box = await _next_modseq(conn, mailbox_id)
+        removed: list[Row[Any]] = []
+        for chunk in in_chunks(sorted(uids)):
+            removed += await conn.execute(
+                delete(m.Message).where(m.Message.mailbox_id == mailbox_id, m.Message.uid.in_(chunk))
+                .returning(m.Message.uid, m.Message.blob_id))
+        if removed:
+            await conn.execute(insert(m.Expunged), [
+                {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": box.highestmodseq} for row in removed])
+            await self._blobs.release(conn, [row.blob_id for row in removed])
+            events.extend(ChangeEvent(box.account_id, mailbox_id, row.uid, box.highestmodseq, ChangeKind.EXPUNGE)
+                          for row in sorted(removed, key=lambda row: row.uid))
+        return bool(await conn.scalar(select(m.Account.no_backup).where(m.Account.id == box.account_id)))
+
+    async def delete_mailbox(self, account_id: int, name: str) -> None:
+        """DELETE (RFC 9051 §6.3.4): messages go at once (scrubbed for No Backup accounts)."""
+        name = normalise_mailbox_name(name)
+        if name == INBOX:
+            raise RunboxError("INBOX cannot be deleted")
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> bool:
+            box_id = await _mailbox_id(conn, account_id, name)
+            if await _has_children(conn, account_id, name):
+                raise RunboxError("mailbox has children, delete them first")
+            uids = list(await conn.scalars(select(m.Message.uid).where(m.Message.mailbox_id == box_id)))
+            scrub = await self._expunge_rows(conn, events, box_id, uids)
+            await conn.execute(delete(m.Mailbox).where(m.Mailbox.id == box_id))
+            return scrub
+
+        if await self._write(job):
+            await scrub_freed_pages(self._engine)
+
+    async def rename_mailbox(self, account_id: int, old: str, new: str) -> None:
+        """RENAME with its children; renaming INBOX moves its messages and leaves it empty (RFC 9051 §6.3.6)."""
+        old, new = normalise_mailbox_name(old), normalise_mailbox_name(new)
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> None:
+            box_id = await _mailbox_id(conn, account_id, old)
+            if await conn.scalar(select(m.Mailbox.id).where(m.Mailbox.account_id == account_id,
+                                                           m.Mailbox.name == new)) is not None:
+                raise AlreadyExists(f"mailbox {new} already exists")
+            await _create_parents(conn, account_id, new)
+            if old == INBOX:
+                from runbox_mta.store.api import _insert_mailbox
+
+                target = await _insert_mailbox(conn, account_id, new, None)
+                uids = list(await conn.scalars(select(m.Message.uid).where(m.Message.mailbox_id == box_id)))
+                copied = await _copy_rows(conn, events, box_id, uids, target.id)
+                if copied.source_uids:
+                    await self._expunge_rows(conn, events, box_id, copied.source_uids)
+                return
+            children = (await conn.execute(select(m.Mailbox.id, m.Mailbox.name).where(
+                m.Mailbox.account_id == account_id,
+                m.Mailbox.name.startswith(old + HIERARCHY_DELIMITER, autoescape=True)))).all()
+            await conn.execute(update(m.Mailbox).where(m.Mailbox.id == box_id).values(name=new))
+            for child in children:
+                await conn.execute(update(m.Mailbox).where(m.Mailbox.id == child.id)
+                                   .values(name=new + child.name[len(old):]))
+
+        await self._write(job)
+
+    async def create_mailbox_path(self, account_id: int, name: str, special_use: str | None) -> None:
+        """CREATE, with any missing superior names (RFC 9051 §6.3.4 SHOULD)."""
+        from runbox_mta.store.api import SPECIAL_USES, _insert_mailbox
+
+        name = normalise_mailbox_name(name)
+        if special_use is not None and special_use not in SPECIAL_USES:
+            raise RunboxError(f"unsupported special-use attribute {special_use}")
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> None:
+            if await conn.scalar(select(m.Mailbox.id).where(m.Mailbox.account_id == account_id,
+                                                           m.Mailbox.name == name)) is not None:
+                raise AlreadyExists(f"mailbox {name} already exists")
+            await _create_parents(conn, account_id, name)
+            await _insert_mailbox(conn, account_id, name, special_use)
+
+        await self._write(job)
+
+    async def set_subscribed(self, account_id: int, name: str, subscribed: bool) -> None:
+        name = normalise_mailbox_name(name)
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> None:
+            result = await conn.execute(update(m.Mailbox).where(
+                m.Mailbox.account_id == account_id, m.Mailbox.name == name).values(subscribed=subscribed))
+            if result.rowcount == 0:
+                raise NotFound(f"no such mailbox: {name}")
+
+        await self._write(job)
+
+
+async def _all_uids(conn: AsyncConnection, mailbox_id: int) -> list[int]:
+    """The mailbox's UIDs, ascending, aggregated in the database: one row instead of
+    one per message makes SELECT of 100k messages about four times faster."""
+    if conn.dialect.name == "postgresql":
+        query = select(func.array_agg(aggregate_order_by(m.Message.uid, m.Message.uid)))
+        uids = list(await conn.scalar(query.where(m.Message.mailbox_id == mailbox_id)) or [])
+    else:
+        ordered = select(m.Message.uid).where(m.Message.mailbox_id == mailbox_id).order_by(m.Message.uid).subquery()
+        text = await conn.scalar(select(func.group_concat(ordered.c.uid)))
+        uids = [int(uid) for uid in text.split(",")] if text else []
+    uids.sort()  # already in order (linear then); SQLite does not promise group_concat's order
+    return uids
+
+
+def _apply(mode: str, bits: int, words: set[str], add_bits: int, add_words: set[str]) -> tuple[int, str]:
+    if mode == "+":
+        bits, words = bits | add_bits, words | add_words
+    elif mode == "-":
+        bits, words = bits & ~add_bits, words - add_words
+    else:
+        bits, words = add_bits, set(add_words)
+    return bits, " ".join(sorted(words))
+
+
+def _change(row: Row[Any]) -> FlagChange:
+    return FlagChange(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords))
+
+
+def _internal_date(row: Row[Any]) -> datetime:
+    return row.internal_date.astimezone(timezone(timedelta(minutes=row.internal_date_offset)))
+
+
+async def _next_modseq(conn: AsyncConnection, mailbox_id: int, new_uids: int = 0) -> Row[Any]:
+    from runbox_mta.store.api import _next_modseq as next_modseq  # api imports this module
+
+    return await next_modseq(conn, mailbox_id, new_uids=new_uids)
+
+
+async def _copy_rows(conn: AsyncConnection, events: list[ChangeEvent], source_id: int, uids: Sequence[int],
+                     target_id: int) -> Copied:
+    rows: list[Row[Any]] = []
+    for chunk in in_chunks(sorted(uids)):
+        rows += (await conn.execute(
+            select(m.Message.uid, m.Message.blob_id, m.Message.system_flags, m.Message.keywords,
+                   m.Message.internal_date, m.Message.internal_date_offset, m.Message.size)
+            .where(m.Message.mailbox_id == source_id, m.Message.uid.in_(chunk)).order_by(m.Message.uid))).all()
+    if not rows:
+        target = (await conn.execute(select(m.Mailbox.uidvalidity).where(m.Mailbox.id == target_id))).one()
+        return Copied(target.uidvalidity, (), ())
+    await check_quota(conn, [target_id], sum(row.size for row in rows))
+    box = await _next_modseq(conn, target_id, len(rows))
+    first = box.uidnext - len(rows)
+    await conn.execute(insert(m.Message), [
+        {"mailbox_id": target_id, "uid": first + index, "modseq": box.highestmodseq, "blob_id": row.blob_id,
+         "system_flags": row.system_flags, "keywords": row.keywords, "internal_date": row.internal_date,
+         "internal_date_offset": row.internal_date_offset, "size": row.size}
+        for index, row in enumerate(rows)])
+    target_uids = tuple(range(first, box.uidnext))
+    events.extend(ChangeEvent(box.account_id, target_id, uid, box.highestmodseq, ChangeKind.APPEND)
+                  for uid in target_uids)
+    return Copied(box.uidvalidity, tuple(row.uid for row in rows), target_uids)
+
+
+async def _mailbox_id(conn: AsyncConnection, account_id: int, name: str) -> int:
+    box_id = await conn.scalar(select(m.Mailbox.id).where(m.Mailbox.account_id == account_id,
+                                                          m.Mailbox.name == name))
+    if box_id is None:
+        raise NotFound(f"no such mailbox: {name}")
+    return box_id
+
+
+async def _has_children(conn: AsyncConnection, account_id: int, name: str) -> bool:
+    child = select(m.Mailbox.id).where(m.Mailbox.account_id == account_id,
+                                       m.Mailbox.name.startswith(name + HIERARCHY_DELIMITER, autoescape=True))
+    return await conn.scalar(child.limit(1)) is not None
+
+
+async def _create_parents(conn: AsyncConnection, account_id: int, name: str) -> None:
+    from runbox_mta.store.api import _insert_mailbox
+
+    parts = name.split(HIERARCHY_DELIMITER)
+    for depth in range(1, len(parts)):
+        parent = HIERARCHY_DELIMITER.join(parts[:depth])
+        if await conn.scalar(select(m.Mailbox.id).where(m.Mailbox.account_id == account_id,
+                                                        m.Mailbox.name == parent)) is None:
+            await _insert_mailbox(conn, account_id, parent, None)

@@ -1,0 +1,164 @@
+"""The IMAP part of the store (store/mailstore.py), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import func, insert, select, update
+
+from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
+from runbox_mta.store import ChangeKind, QuotaExceeded, Store
+from runbox_mta.store import models as m
+from runbox_mta.store.blobs import STRUCTURE_KEY
+
+pytestmark = pytest.mark.timeout(60)
+
+MESSAGE = b"From: a@example.net\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+async def account(store: Store) -> int:
+    await store.add_domain("example.test", "sel", "PEM")
+    return (await store.add_account("ola@example.test", "hash")).id
+
+
+async def inbox_with(store: Store, count: int) -> tuple[int, int]:
+    account_id = await account(store)
+    inbox = await store.get_mailbox(account_id, "INBOX")
+    for _ in range(count):
+        await store.append(inbox.id, MESSAGE)
+    return account_id, inbox.id
+
+
+async def test_snapshot_has_uids_counters_and_keywords(store):
+    account_id, inbox = await inbox_with(store, 3)
+    await store.update_flags(inbox, [2], "+", ["$Work", "\\Seen"])
+    snapshot = await store.snapshot(account_id, "inbox")
+    assert (snapshot.mailbox_id, snapshot.name, snapshot.uids, snapshot.uidnext) == (inbox, "INBOX", [1, 2, 3], 4)
+    assert snapshot.keywords == {"$Work"}
+    with pytest.raises(NotFound):
+        await store.snapshot(account_id, "Nope")
+
+
+async def test_update_flags_spends_one_modseq_and_only_on_real_changes(store):
+    _, inbox = await inbox_with(store, 3)
+    before = (await store.changes_since(inbox, 0)).highestmodseq
+    update_ = await store.update_flags(inbox, [1, 2, 3], "+", ["\\Flagged"])
+    assert [change.uid for change in update_.changed] == [1, 2, 3]
+    assert {change.modseq for change in update_.changed} == {before + 1}
+    again = await store.update_flags(inbox, [1, 2, 3], "+", ["\\Flagged"])
+    assert again.changed == () and len(again.unchanged) == 3
+    assert (await store.changes_since(inbox, 0)).highestmodseq == before + 1  # nothing changed: no MODSEQ spent
+    replaced = await store.update_flags(inbox, [1], "", ["\\Seen"])
+    assert replaced.changed[0].flags == {"\\Seen"}
+    removed = await store.update_flags(inbox, [1, 2], "-", ["\\Seen", "\\Flagged"])
+    assert [change.flags for change in removed.changed] == [frozenset(), frozenset()]
+
+
+async def test_unchangedsince_refuses_messages_changed_after_it(store):
+    _, inbox = await inbox_with(store, 2)
+    modseq = (await store.changes_since(inbox, 0)).highestmodseq
+    await store.update_flags(inbox, [2], "+", ["\\Seen"])
+    result = await store.update_flags(inbox, [1, 2], "+", ["\\Flagged"], unchangedsince=modseq)
+    assert [change.uid for change in result.changed] == [1] and result.modified == (2,)
+
+
+async def test_changes_since_reports_new_changed_and_expunged(store):
+    _, inbox = await inbox_with(store, 3)
+    mark = (await store.changes_since(inbox, 0)).highestmodseq
+    await store.update_flags(inbox, [1], "+", ["\\Answered"])
+    await store.expunge(inbox, [2])
+    await store.append(inbox, MESSAGE)
+    changes = await store.changes_since(inbox, mark)
+    assert [(change.uid, change.flags) for change in changes.changed] == [(1, {"\\Answered"}), (4, frozenset())]
+    assert changes.expunged == (2,)
+    assert (await store.changes_since(inbox, changes.highestmodseq)).changed == ()
+
+
+async def test_copy_and_move_give_new_uids_and_events(store):
+    account_id, inbox = await inbox_with(store, 3)
+    archive = (await store.get_mailbox(account_id, "Archive")).id
+    with store.subscribe(account_id=account_id) as events:
+        copied = await store.copy_messages(inbox, [1, 3, 99], archive, move=False)
+        assert (copied.source_uids, copied.target_uids) == ((1, 3), (1, 2))
+        moved = await store.copy_messages(inbox, [2], archive, move=True)
+        assert moved.target_uids == (3,)
+        kinds = [(event.mailbox_id, event.uid, event.kind) for event in [await events.get() for _ in range(4)]]
+    assert kinds == [(archive, 1, ChangeKind.APPEND), (archive, 2, ChangeKind.APPEND),
+                     (archive, 3, ChangeKind.APPEND), (inbox, 2, ChangeKind.EXPUNGE)]
+    assert [message.uid for message in await store.list_messages(inbox)] == [1, 3]
+    rows = await store.message_rows(archive, [1, 2, 3], data=True)
+    assert [row.data for row in rows] == [MESSAGE] * 3
+    assert rows[0].parsed is not None and STRUCTURE_KEY in rows[0].parsed
+
+
+async def test_append_checked_honours_the_quota(store):
+    account_id, inbox = await inbox_with(store, 0)
+    await store.update_account("ola@example.test", quota_bytes=len(MESSAGE) + 10)
+    uidvalidity, uid = await store.append_checked(inbox, MESSAGE, ["\\Seen"], datetime(2024, 1, 2, tzinfo=UTC))
+    assert uid == 1 and uidvalidity == (await store.get_mailbox(account_id, "INBOX")).uidvalidity
+    with pytest.raises(QuotaExceeded):
+        await store.append_checked(inbox, MESSAGE, [], None)
+
+
+async def test_create_delete_rename_subscribe(store):
+    account_id, _ = await inbox_with(store, 0)
+    await store.create_mailbox_path(account_id, "a/b/c", "\\Sent")
+    names = {box.name: box.special_use for box in await store.list_mailboxes(account_id)}
+    assert names["a"] is None and names["a/b"] is None and names["a/b/c"] == "\\Sent"
+    with pytest.raises(AlreadyExists):
+        await store.create_mailbox_path(account_id, "a/b", None)
+    with pytest.raises(RunboxError, match="children"):
+        await store.delete_mailbox(account_id, "a/b")
+    await store.rename_mailbox(account_id, "a", "x")
+    assert {"x", "x/b", "x/b/c"} <= {box.name for box in await store.list_mailboxes(account_id)}
+    await store.set_subscribed(account_id, "x", False)
+    assert not (await store.get_mailbox(account_id, "x")).subscribed
+    old = (await store.get_mailbox(account_id, "x/b/c")).uidvalidity
+    await store.delete_mailbox(account_id, "x/b/c")
+    await store.create_mailbox_path(account_id, "x/b/c", None)
+    assert (await store.get_mailbox(account_id, "x/b/c")).uidvalidity > old  # RFC 9051 §2.3.1.1
+    with pytest.raises(RunboxError):
+        await store.delete_mailbox(account_id, "INBOX")
+
+
+async def test_mailbox_counts(store):
+    _, inbox = await inbox_with(store, 3)
+    await store.update_flags(inbox, [1], "+", ["\\Seen"])
+    await store.update_flags(inbox, [2], "+", ["\\Deleted"])
+    counts = await store.mailbox_counts(inbox)
+    assert (counts.messages, counts.unseen, counts.deleted, counts.size, counts.deleted_size) == \
+        (3, 2, 1, 3 * len(MESSAGE), len(MESSAGE))
+
+
+async def test_select_of_a_large_mailbox_benchmark(store):
+    """Not a timed assertion: prints how long SELECT's snapshot of 100k messages takes."""
+    account_id, inbox = await inbox_with(store, 1)
+    count = 100_000
+    async with store.engine.begin() as conn:
+        blob_id = (await conn.execute(insert(m.Blob).values(size=1, data=b"x", parsed={}).returning(m.Blob.id))
+                   ).scalar_one()
+        now = datetime.now(UTC)
+        rows = [{"mailbox_id": inbox, "uid": uid, "modseq": 2, "blob_id": blob_id, "system_flags": uid % 2,
+                 "keywords": "", "internal_date": now, "size": 1} for uid in range(2, count + 2)]
+        for start in range(0, len(rows), 10_000):
+            await conn.execute(insert(m.Message), rows[start:start + 10_000])
+        await conn.execute(update(m.Mailbox).where(m.Mailbox.id == inbox).values(uidnext=count + 2))
+    started = time.perf_counter()
+    snapshot = await store.snapshot(account_id, "INBOX")
+    elapsed = time.perf_counter() - started
+    assert len(snapshot.uids) == count + 1
+    print(f"\nSELECT snapshot of {count + 1} messages ({store.engine.dialect.name}): {elapsed * 1000:.0f} ms")
+
+
+async def test_deleting_a_mailbox_of_a_no_backup_account_erases_its_messages(store):
+    account_id, _ = await inbox_with(store, 0)
+    await store.update_account("ola@example.test", no_backup=True)
+    await store.create_mailbox_path(account_id, "Secret", None)
+    secret = (await store.get_mailbox(account_id, "Secret")).id
+    await store.append(secret, MESSAGE)
+    await store.delete_mailbox(account_id, "Secret")
+    async with store.engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(m.Blob))).scalar_one() == 0
+        assert (await conn.execute(select(func.count()).select_from(m.Message))).scalar_one() == 0
