@@ -6,7 +6,8 @@ Order matters and is deliberate:
 3. drop root to the configured user, so the database and everything after it
    is created and opened unprivileged;
 4. open the store, which refuses an out-of-date schema;
-5. start each protocol on its socket, tell systemd READY=1.
+5. start each protocol on its socket, then the background services (the
+   outbound queue worker), tell systemd READY=1.
 SIGHUP reloads certificates for new handshakes; SIGTERM/SIGINT stop accepting,
 give live connections a grace period, cancel the rest and exit within 10 s.
 """
@@ -18,6 +19,7 @@ import logging
 import os
 import pwd
 import signal
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +28,11 @@ from runbox_mta.auth.service import AuthService
 from runbox_mta.config import Config
 from runbox_mta.dns import Resolver
 from runbox_mta.errors import ConfigError, RunboxError
+from runbox_mta.imap.server import ImapProtocol
 from runbox_mta.log import client_label
 from runbox_mta.net.listener import BoundListener, ConnectionTracker, ProtocolSpec, bind_listener
 from runbox_mta.pop3.server import Pop3Protocol
+from runbox_mta.queue.worker import run_queue
 from runbox_mta.smtp.server import SmtpProtocol
 from runbox_mta.store import Store, open_store
 from runbox_mta.store.db import load_driver
@@ -39,6 +43,9 @@ log = logging.getLogger("runbox_mta")
 # SPEC §8: exit within 10 s of SIGTERM: 8 s for connections to finish, 1 s
 # for cancelled ones to say goodbye, the rest for closing the store.
 DRAIN_GRACE = 8.0
+# Background services get this long after cancellation to record their state
+# (e.g. the queue's finished deliveries); it runs alongside the drain.
+BACKGROUND_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,18 @@ def protocol_registry() -> dict[str, ProtocolSpec]:
     return {
         "smtp": SmtpProtocol(submission=False),
         "submission": SmtpProtocol(submission=True),
+        "imap": ImapProtocol(),
         "pop3": Pop3Protocol(),
     }
+
+
+# A long-running task beside the listeners (the outbound queue); cancelled at stop.
+BackgroundService = Callable[[Services], Coroutine[Any, Any, None]]
+
+
+def background_services(config: Config) -> list[BackgroundService]:
+    """The services a daemon with this config runs beside its listeners."""
+    return [run_queue] if config.outbound.enabled else []
 
 
 def check_listeners(config: Config, registry: dict[str, ProtocolSpec]) -> None:
@@ -100,9 +117,12 @@ def drop_privileges(user: str | None) -> None:
 class Daemon:
     """One running daemon; `start` then `stop` (tests) or `run` (the CLI)."""
 
-    def __init__(self, config: Config, registry: dict[str, ProtocolSpec] | None = None) -> None:
+    def __init__(self, config: Config, registry: dict[str, ProtocolSpec] | None = None,
+                 background: Sequence[BackgroundService] | None = None) -> None:
         self.config = config
         self.registry = protocol_registry() if registry is None else registry
+        self.background = background_services(config) if background is None else list(background)
+        self._background_tasks: list[asyncio.Task[None]] = []
         self.listeners: list[BoundListener] = []
         self.services: Services | None = None
         self._servers: list[asyncio.AbstractServer] = []
@@ -130,6 +150,8 @@ class Daemon:
         for listener in self.listeners:
             protocol = self.registry[listener.config.protocol]
             self._servers.append(await protocol.start(listener, self.services))
+        self._background_tasks = [asyncio.create_task(_supervised(service, self.services))
+                                  for service in self.background]
         self._start_watchdog()
         systemd.notify("READY=1\nSTATUS=serving")
 
@@ -154,8 +176,10 @@ class Daemon:
         for server in self._servers:
             server.close()
         self._close_sockets()
+        for task in self._background_tasks:
+            task.cancel()
         if self.services:
-            await self.services.connections.drain(grace)
+            await asyncio.gather(self.services.connections.drain(grace), self._stop_background())
             self.services.auth.close()
             await self.services.store.close()
 
@@ -177,6 +201,10 @@ class Daemon:
         log.info("stopping: draining %d connections", self.services.connections.live if self.services else 0)
         await self.stop()
 
+    async def _stop_background(self) -> None:
+        if self._background_tasks:
+            await asyncio.wait(self._background_tasks, timeout=BACKGROUND_GRACE)
+
     def _start_watchdog(self) -> None:
         interval = systemd.watchdog_interval()
         if interval:
@@ -185,6 +213,14 @@ class Daemon:
     def _close_sockets(self) -> None:
         for listener in self.listeners:
             listener.sock.close()
+
+
+async def _supervised(service: BackgroundService, services: Services) -> None:
+    """Run a background service; a crash is logged, never silently lost with its task."""
+    try:
+        await service(services)
+    except Exception:
+        log.exception("background service %s stopped", getattr(service, "__name__", service))
 
 
 async def _watchdog(interval: float) -> None:

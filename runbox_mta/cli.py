@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user_commands(_group(commands, "user", "accounts"))
     _add_alias_commands(_group(commands, "alias", "aliases and catch-alls"))
     _add_app_password_commands(_group(commands, "app-password", "per-device app passwords"))
+    _add_queue_commands(_group(commands, "queue", "outbound queue"))
     return parser
 
 
@@ -124,6 +125,13 @@ def _add_app_password_commands(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--scope", default="imap,pop3,smtp", help="comma-separated: imap,pop3,smtp")
     _store_command(sub, "list", app_password_list, "list an account's app passwords", "address")
     _store_command(sub, "revoke", app_password_revoke, "revoke an app password", "address", "label")
+
+
+def _add_queue_commands(sub: argparse._SubParsersAction) -> None:
+    _store_command(sub, "list", queue_list, "list queued mail and why it waits")
+    _store_command(sub, "flush", queue_flush, "retry all queued mail now")
+    remove = _store_command(sub, "remove", queue_remove, "delete a queued message (no bounce)")
+    remove.add_argument("id", type=int)
 
 
 def _on_off(text: str) -> bool:
@@ -390,6 +398,29 @@ async def app_password_list(store: "Store", args: argparse.Namespace, config: Co
 async def app_password_revoke(store: "Store", args: argparse.Namespace, config: Config) -> None:
     await store.revoke_app_password(args.address, args.label)
     print(f"revoked app password '{args.label}' of {args.address.lower()}")
+
+
+async def queue_list(store: "Store", args: argparse.Namespace, config: Config) -> None:
+    entries = await store.list_queue()
+    for entry in entries:
+        print(f"{entry.id}\t{entry.size} bytes\tqueued {entry.created_at:%Y-%m-%d %H:%M:%S}Z\t<{entry.sender}>")
+        for r in entry.recipients:
+            print(f"  {r.recipient}\t{r.status}\tattempts {r.attempts}\t"
+                  f"next {r.next_attempt_at:%Y-%m-%d %H:%M:%S}Z\t{r.last_error or '-'}\t{r.tls_outcome or '-'}")
+    print(f"{len(entries)} queued message{'s' if len(entries) != 1 else ''}")
+
+
+async def queue_flush(store: "Store", args: argparse.Namespace, config: Config) -> None:
+    from datetime import UTC, datetime
+
+    count = await store.flush_queue(datetime.now(UTC))
+    # Running daemons look for due mail every [outbound] poll_interval.
+    print(f"{count} recipient{'s' if count != 1 else ''} due now")
+
+
+async def queue_remove(store: "Store", args: argparse.Namespace, config: Config) -> None:
+    await store.remove_queued(args.id)
+    print(f"removed queue entry {args.id}")
 
 
 if __name__ == "__main__":

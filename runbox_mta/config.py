@@ -22,6 +22,10 @@ SQLITE_FILENAME = "runbox-mta.sqlite3"
 
 PROTOCOLS = ("smtp", "submission", "imap", "pop3")
 TLS_MODES = ("starttls", "implicit", "none")
+# Outbound TLS per destination domain: "may" is opportunistic STARTTLS
+# (Postfix `may`), "verify" demands a certificate valid for the MX host name
+# and never falls back to plaintext (Postfix `verify`).
+OUTBOUND_TLS_POLICIES = ("may", "verify")
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -93,6 +97,17 @@ class OutboundConfig:
     routes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     port: int = 25
     nameservers: tuple[str, ...] = ()
+    tls_policy: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # domain -> may|verify
+    # false: this daemon queues mail but leaves delivery to others sharing the database.
+    enabled: bool = True
+    max_queue_lifetime: float = 5 * 86400.0  # SPEC §5: retries for 5 days, then a bounce
+    delay_warning: float = 4 * 3600.0  # RFC 3464 "delayed" DSN once mail has waited this long
+    # Back-off after the n-th failed attempt: retry_base * 2^(n-1), at most
+    # retry_max, with jitter (Postfix: 300 s minimal, 4000 s maximal back-off).
+    retry_base: float = 300.0
+    retry_max: float = 3600.0
+    max_per_destination: int = 4  # parallel connections to one recipient domain
+    poll_interval: float = 1.0  # how often to look for due mail (other daemons enqueue too)
 
 
 @dataclass(frozen=True)
@@ -364,5 +379,23 @@ def _build_outbound(table: _Table) -> OutboundConfig:
     for i, server in enumerate(nameservers):
         if not isinstance(server, str):
             raise ConfigError(f"{table.name('nameservers')}[{i}]: expected a string")
+    policy_table = table.table("tls_policy")
+    tls_policy = {}
+    for domain in policy_table.keys():
+        policy = policy_table.take(domain, str)
+        if policy not in OUTBOUND_TLS_POLICIES:
+            raise ConfigError(f"{policy_table.name(domain)}: expected may or verify, got {policy!r}")
+        tls_policy[_hostname(domain, policy_table.name(domain))] = policy
+    defaults = OutboundConfig()
+    durations = {name: parse_duration(table.take(name, (str, int, float), getattr(defaults, name)), table.name(name))
+                 for name in ("max_queue_lifetime", "delay_warning", "retry_base", "retry_max", "poll_interval")}
+    if durations["retry_max"] < durations["retry_base"]:
+        raise ConfigError(f"{table.name('retry_max')}: must not be less than retry_base")
+    max_per_destination = table.take("max_per_destination", int, defaults.max_per_destination)
+    if max_per_destination < 1:
+        raise ConfigError(f"{table.name('max_per_destination')}: must be positive")
+    enabled = table.take("enabled", bool, defaults.enabled)
     table.finish()
-    return OutboundConfig(routes=MappingProxyType(routes), port=port, nameservers=tuple(nameservers))
+    return OutboundConfig(routes=MappingProxyType(routes), port=port, nameservers=tuple(nameservers),
+                          tls_policy=MappingProxyType(tls_policy), enabled=enabled,
+                          max_per_destination=max_per_destination, **durations)

@@ -60,8 +60,10 @@ def write_config(tmp_path: Path, database_url: str, nameserver: str,
                  listeners: Sequence[tuple[str, str]] = MAIL_LISTENERS, *, limits: str = "",
                  auth: str = "free_failures = 100") -> Path:
     blocks = "".join(listener_block(protocol, tls) for protocol, tls in listeners)
+    # The SMTP tests inspect the queue: no worker may empty it meanwhile.
+    outbound = f'nameservers = ["{nameserver}"]\nenabled = false'
     return write_daemon_config(tmp_path, database_url, listeners=blocks, limits=limits, auth=auth,
-                               outbound=f'nameservers = ["{nameserver}"]', hostname=HOSTNAME)
+                               outbound=outbound, hostname=HOSTNAME)
 
 
 async def populate(daemon: Daemon) -> None:

@@ -34,6 +34,9 @@ def test_minimal_file_gets_documented_defaults(tmp_path):
     assert config.limits.imap_login_timeout == 60
     assert config.limits.pop3_idle_timeout == 600
     assert config.outbound.port == 25
+    assert config.outbound.enabled and config.outbound.max_per_destination == 4
+    assert config.outbound.max_queue_lifetime == 5 * 86400 and config.outbound.delay_warning == 4 * 3600
+    assert (config.outbound.retry_base, config.outbound.retry_max, config.outbound.poll_interval) == (300, 3600, 1)
     assert config.listeners == ()
     assert config.user is None
 
@@ -71,6 +74,14 @@ argon2_parallelism = 1
 routes = { "example.net" = "127.0.0.1:2526", "*" = "[::1]:2527" }
 port = 2525
 nameservers = ["127.0.0.1:5353"]
+enabled = false
+tls_policy = { "Bank.Example" = "verify", "other.example" = "may" }
+max_queue_lifetime = "2d"
+delay_warning = "30m"
+retry_base = 10
+retry_max = "2h"
+max_per_destination = 2
+poll_interval = 0.1
 [log]
 level = "DEBUG"
 [[listeners]]
@@ -94,6 +105,11 @@ max_connections = 5
     assert config.limits.imap_literal_size == 1048576
     assert config.outbound.routes == {"example.net": "127.0.0.1:2526", "*": "[::1]:2527"}
     assert config.outbound.nameservers == ("127.0.0.1:5353",)
+    outbound = config.outbound
+    assert outbound.tls_policy == {"bank.example": "verify", "other.example": "may"}
+    assert not outbound.enabled and outbound.max_per_destination == 2 and outbound.poll_interval == 0.1
+    assert (outbound.max_queue_lifetime, outbound.delay_warning, outbound.retry_base, outbound.retry_max) == (
+        2 * 86400, 1800, 10, 7200)
     assert config.debug
     assert [(l.protocol, l.bind, l.port, l.tls, l.max_connections) for l in config.listeners] == [
         ("smtp", "127.0.0.1", 2525, "none", 1000),
@@ -130,6 +146,12 @@ max_connections = 5
          "outbound.routes.example.net: expected host:port, got 'nowhere'"),
         ('[outbound]\nport = 0', "outbound.port: expected 1-65535, got 0"),
         ('[outbound]\nnameservers = [53]', "outbound.nameservers[0]: expected a string"),
+        ('[outbound]\nmax_queue_lifetime = "forever"', "outbound.max_queue_lifetime: expected a duration"),
+        ('[outbound]\ndelay_warning = 0', "outbound.delay_warning: must be positive"),
+        ('[outbound]\nretry_base = "2h"\nretry_max = "1h"', "outbound.retry_max: must not be less than retry_base"),
+        ('[outbound]\nmax_per_destination = 0', "outbound.max_per_destination: must be positive"),
+        ('[outbound.tls_policy]\n"bank.example" = "dane"', "outbound.tls_policy.bank.example: expected may or verify"),
+        ('[outbound]\nenabled = "yes"', "outbound.enabled: expected true or false, got 'yes'"),
         ('[log]\nlevel = "chatty"', "log.level: expected debug, info, warning or error, got 'chatty'"),
         ('[[tls.sni]]\nhostname = "a.test"\ncert = "a.pem"', "tls.sni[0].key: missing required key"),
         ('[[tls.sni]]\nhostname = "not a host"\ncert = "a"\nkey = "b"', "tls.sni[0].hostname: not a valid host name"),

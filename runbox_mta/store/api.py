@@ -30,6 +30,8 @@ from runbox_mta.store.db import (
 )
 from runbox_mta.store.flags import decode_flags, encode_flags
 from runbox_mta.store.maildrop import MaildropStore
+from runbox_mta.store.queue import QueueStore
+from runbox_mta.store.mailstore import MailStore
 from runbox_mta.store.recipients import Resolution, check_quota, resolve, sender_addresses
 from runbox_mta.store.names import (
     INBOX, domain_of, normalise_address, normalise_alias_source, normalise_domain,
@@ -154,6 +156,7 @@ class QueuedRecipient:
     attempts: int
     next_attempt_at: datetime
     last_error: str | None
+    tls_outcome: str | None = None  # of the last attempt: "TLS1.3 ... unverified", "plaintext (...)"
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ async def open_store(url: str, *, data_dir: Path | None = None) -> Store:
     return Store(engine)
 
 
-class Store(MaildropStore):
+class Store(MaildropStore, MailStore, QueueStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._blobs = BlobStore()
@@ -597,7 +600,7 @@ class Store(MaildropStore):
         by_message: dict[int, list[QueuedRecipient]] = {}
         for row in recipients:
             by_message.setdefault(row.queue_message_id, []).append(QueuedRecipient(
-                row.recipient, row.status, row.attempts, row.next_attempt_at, row.last_error))
+                row.recipient, row.status, row.attempts, row.next_attempt_at, row.last_error, row.tls_outcome))
         return [QueueEntry(row.id, row.sender, row.size, row.created_at, tuple(by_message.get(row.id, ())))
                 for row in messages]
 

@@ -1,0 +1,200 @@
+"""What the outbound queue worker needs from the store: leases, attempts, results.
+
+`QueueStore` is mixed into `Store` (api.py), which also holds enqueue,
+list_queue and remove_queued.
+
+Exactly once across daemons: a worker *claims* due recipients of one
+destination domain by writing its owner id and a lease deadline on their
+rows, in one committed job. On PostgreSQL the claiming SELECT takes the rows
+`FOR UPDATE SKIP LOCKED`, so two daemons claiming at the same moment take
+disjoint rows without waiting for each other, and a row claimed and
+committed by one is excluded for the other by its lease. On SQLite the
+committer is the only writer of its file (BEGIN IMMEDIATE), so the lease
+check and the lease write cannot interleave with another claim.
+
+Nothing acknowledged is lost: rows are deleted only once delivered (or
+bounced), and only by their lease holder. A claim whose holder dies (kill -9)
+simply expires: after `lease_until` the rows are due again.
+
+Recipient states: "queued" (waiting), "delayed" (waiting, and the sender has
+already had its delay warning, RFC 3464 Action: delayed). Delivered and
+bounced recipients are deleted, and a queue message goes with its last
+recipient, releasing its blob.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Row, delete, exists, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from runbox_mta.store import models as m
+from runbox_mta.store.blobs import BlobStore
+from runbox_mta.store.changes import ChangeEvent
+from runbox_mta.store.db import connect, in_chunks
+
+if TYPE_CHECKING:
+    from runbox_mta.store.committer import Job
+
+T = TypeVar("T")
+
+QUEUED = "queued"
+DELAYED = "delayed"  # still queued; the delay warning went out
+WAITING = (QUEUED, DELAYED)
+
+
+@dataclass(frozen=True)
+class ClaimedRecipient:
+    id: int
+    address: str
+    status: str
+    attempts: int  # attempts before this one
+
+
+@dataclass(frozen=True)
+class ClaimedMessage:
+    """One queued message with those of its recipients this worker now leases."""
+
+    queue_id: int
+    sender: str  # "" for the null reverse-path
+    created_at: datetime
+    blob_id: int
+    recipients: tuple[ClaimedRecipient, ...]
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """A recipient that stays queued after an attempt."""
+
+    recipient_id: int
+    error: str
+    next_attempt_at: datetime
+    tls_outcome: str | None
+    status: str = QUEUED
+
+
+class QueueStore:
+    """The queue-worker part of `Store`."""
+
+    if TYPE_CHECKING:
+        _engine: AsyncEngine
+        _blobs: BlobStore
+
+        async def _write(self, job: Job[T]) -> T: ...
+
+    async def due_destinations(self, now: datetime, limit: int = 100) -> list[str]:
+        """Destination domains with recipients due and not leased, most overdue first."""
+        due = func.min(m.QueueRecipient.next_attempt_at)
+        query = (select(m.QueueRecipient.domain).where(*_claimable(now))
+                 .group_by(m.QueueRecipient.domain).order_by(due).limit(limit))
+        async with connect(self._engine) as conn:
+            return list(await conn.scalars(query))
+
+    async def claim(self, domain: str, owner: str, now: datetime, lease_until: datetime,
+                    max_recipients: int) -> list[ClaimedMessage]:
+        """Lease up to `max_recipients` due recipients at `domain` for `owner`, grouped by message."""
+        recipient = m.QueueRecipient
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> list[ClaimedMessage]:
+            ids = list(await conn.scalars(
+                select(recipient.id).where(recipient.domain == domain, *_claimable(now))
+                .order_by(recipient.next_attempt_at, recipient.id).limit(max_recipients)
+                # PostgreSQL: concurrent claimers skip each other's rows; SQLite ignores it.
+                .with_for_update(skip_locked=True)
+            ))
+            if not ids:
+                return []
+            await conn.execute(update(recipient).where(recipient.id.in_(ids))
+                               .values(lease_owner=owner, lease_until=lease_until))
+            rows = (await conn.execute(
+                select(recipient.id, recipient.recipient, recipient.status, recipient.attempts,
+                       m.QueueMessage.id.label("queue_id"), m.QueueMessage.sender, m.QueueMessage.created_at,
+                       m.QueueMessage.blob_id)
+                .join(m.QueueMessage).where(recipient.id.in_(ids)).order_by(m.QueueMessage.id, recipient.id)
+            )).all()
+            return _group(rows)
+
+        return await self._write(job)
+
+    async def read_queued(self, blob_id: int) -> bytes:
+        async with connect(self._engine) as conn:
+            return await self._blobs.get(conn, blob_id)
+
+    async def settle(self, owner: str, finished: Sequence[int], deferred: Sequence[Deferral]) -> None:
+        """Record an attempt: `finished` recipients (delivered or bounced) go, `deferred` ones wait.
+
+        Rows whose lease `owner` no longer holds are left alone: their new holder decides.
+        """
+        recipient = m.QueueRecipient
+        mine = recipient.lease_owner == owner
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> None:
+            message_ids: set[int] = set()
+            for chunk in in_chunks(sorted(finished)):
+                message_ids.update(await conn.scalars(
+                    delete(recipient).where(recipient.id.in_(chunk), mine).returning(recipient.queue_message_id)
+                ))
+            for entry in deferred:
+                await conn.execute(update(recipient).where(recipient.id == entry.recipient_id, mine).values(
+                    status=entry.status, attempts=recipient.attempts + 1, next_attempt_at=entry.next_attempt_at,
+                    last_error=entry.error, tls_outcome=entry.tls_outcome, lease_owner=None, lease_until=None,
+                ))
+            await self._drop_finished_messages(conn, message_ids)
+
+        await self._write(job)
+
+    async def release_leases(self, owner: str, recipient_ids: Sequence[int] | None = None) -> None:
+        """Give claimed recipients (all of `owner`'s when None) back untouched: a worker stopping."""
+        recipient = m.QueueRecipient
+        release = update(recipient).where(recipient.lease_owner == owner).values(lease_owner=None, lease_until=None)
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> None:
+            if recipient_ids is None:
+                await conn.execute(release)
+            for chunk in in_chunks(sorted(recipient_ids or ())):
+                await conn.execute(release.where(recipient.id.in_(chunk)))
+
+        await self._write(job)
+
+    async def flush_queue(self, now: datetime) -> int:
+        """Make every waiting recipient due now (`queue flush`); returns how many."""
+        recipient = m.QueueRecipient
+
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> int:
+            result = await conn.execute(update(recipient).where(recipient.status.in_(WAITING))
+                                        .values(next_attempt_at=now))
+            return result.rowcount
+
+        return await self._write(job)
+
+    async def _drop_finished_messages(self, conn: AsyncConnection, message_ids: set[int]) -> None:
+        """Delete the messages among `message_ids` that have no recipient left, and their blobs."""
+        blob_ids: list[int] = []
+        for chunk in in_chunks(sorted(message_ids)):
+            blob_ids += await conn.scalars(
+                delete(m.QueueMessage).where(
+                    m.QueueMessage.id.in_(chunk),
+                    ~exists().where(m.QueueRecipient.queue_message_id == m.QueueMessage.id),
+                ).returning(m.QueueMessage.blob_id)
+            )
+        await self._blobs.release(conn, blob_ids)
+
+
+def _claimable(now: datetime) -> tuple[Any, ...]:
+    recipient = m.QueueRecipient
+    return (recipient.status.in_(WAITING), recipient.next_attempt_at <= now,
+            or_(recipient.lease_until.is_(None), recipient.lease_until < now))
+
+
+def _group(rows: Sequence[Row[Any]]) -> list[ClaimedMessage]:
+    """Rows ordered by message, then recipient, as ClaimedMessages."""
+    messages: dict[int, tuple[Row[Any], list[ClaimedRecipient]]] = {}
+    for row in rows:
+        _, recipients = messages.setdefault(row.queue_id, (row, []))
+        recipients.append(ClaimedRecipient(row.id, row.recipient, row.status, row.attempts))
+    return [ClaimedMessage(first.queue_id, first.sender, first.created_at, first.blob_id, tuple(recipients))
+            for first, recipients in messages.values()]
