@@ -1,0 +1,746 @@
+"""SMTP throughput benchmark: runbox-mta against Postfix delivering into Dovecot (LMTP).
+
+Run through `scripts/bench smtp [--messages N] [--sessions N] [--size BYTES]`,
+which prepares .venv, installs postfix/dovecot from Debian when missing, makes
+the temporary directory and stops every server it started, even on failure.
+
+Everything here is outside the runbox_mta package on purpose: the daemon is
+driven only through its command line (`runbox-mta ... serve`, `domain add`,
+`user add`) and, to verify the result, through its store API.
+
+The servers run one after the other, never together, so they do not compete
+for the machine's cores. The load generator is the same for both: N
+concurrent sessions, each sending messages back to back over one connection
+(MAIL, RCPT, DATA pipelined when the server offers PIPELINING), counting the
+250 replies to the final dot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOMAIN = "bench.test"
+RECIPIENT = f"rcpt@{DOMAIN}"
+SENDER_DOMAIN = "sender.bench-example.net"
+SENDER = f"load@{SENDER_DOMAIN}"
+MAIL_UID = MAIL_GID = 65534  # Dovecot delivers as nobody:nogroup (a virtual-mail uid)
+READ_TIMEOUT = 120.0
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None,
+                  log: Path | None = None) -> None:
+    """Until something answers on 127.0.0.1:port with an SMTP greeting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise SystemExit(f"server exited with status {process.returncode} before answering on {port}\n{tail}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.settimeout(5)
+                if sock.recv(512).startswith(b"220"):
+                    sock.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise SystemExit(f"nothing answered on 127.0.0.1:{port} within {timeout:.0f} s\n{tail}")
+
+
+def run(cmd: list[str], *, input: bytes | None = None, cwd: Path | None = None) -> str:
+    result = subprocess.run(cmd, input=input, cwd=cwd, capture_output=True)
+    return _checked(cmd, result)
+
+
+def start_daemon(cmd: list[str], log: Path) -> None:
+    """A command that forks a daemon: its output goes to a file (a pipe would stay open)."""
+    with log.open("ab") as out:
+        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"command failed ({result.returncode}): {' '.join(cmd)}\n"
+                         + log.read_text(errors="replace")[-3000:])
+
+
+def _checked(cmd: list[str], result: subprocess.CompletedProcess[bytes]) -> str:
+    if result.returncode != 0:
+        raise SystemExit(f"command failed ({result.returncode}): {' '.join(cmd)}\n"
+                         f"{result.stdout.decode(errors='replace')}{result.stderr.decode(errors='replace')}")
+    return result.stdout.decode(errors="replace")
+
+
+def message(index: int, size: int) -> bytes:
+    """A plain RFC 5322 message of exactly `size` octets (CRLF lines, no line starting with a dot)."""
+    head = (
+        f"From: Load Generator <{SENDER}>\r\n"
+        f"To: <{RECIPIENT}>\r\n"
+        f"Subject: benchmark message {index}\r\n"
+        f"Date: Mon, 23 Nov 2026 12:00:00 +0000\r\n"
+        f"Message-ID: <bench-{index}-{os.getpid()}@{SENDER_DOMAIN}>\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n"
+        "\r\n"
+    ).encode()
+    line = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n"
+    body = bytearray()
+    remaining = size - len(head)
+    while remaining > len(line):
+        body += line
+        remaining -= len(line)
+    body += b"x" * max(remaining - 2, 0) + (b"\r\n" if remaining >= 2 else b"")
+    data = head + bytes(body)
+    return data[:size] if len(data) > size else data
+
+
+# --- the load generator -------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    accepted: int = 0
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # MAIL sent -> 250 after the dot
+    started: float = 0.0  # first connect
+    finished: float = 0.0  # last 250
+    machine_busy: float = 0.0  # share of all CPUs busy (any process) during the run
+    client_cpu: float = 0.0  # CPU seconds the load generator itself used
+    server_cpu: float = 0.0  # CPU seconds the server processes used while it ran
+    server_cpu_start: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.seconds if self.seconds > 0 else 0.0
+
+
+async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
+    lines = []
+    while True:
+        line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+        if not line:
+            raise ConnectionError(f"connection closed after {lines!r}")
+        lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+        if line[3:4] != b"-":
+            return int(lines[0][:3]), "\n".join(lines)
+
+
+def client_tls() -> ssl.SSLContext:
+    """The load generator's TLS: no certificate check (self-signed test certificates),
+    otherwise the defaults (TLS 1.2+, the servers pick the cipher)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def _session(port: int, bodies: list[bytes], counter: list[int], total: int,
+                   result: LoadResult, tls: ssl.SSLContext | None) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        code, text = await _reply(reader)
+        if code != 220:
+            raise ConnectionError(f"greeting: {text}")
+        writer.write(b"EHLO load.bench-example.net\r\n")
+        code, text = await _reply(reader)
+        if code != 250:
+            raise ConnectionError(f"EHLO: {text}")
+        if tls is not None:
+            writer.write(b"STARTTLS\r\n")
+            code, text = await _reply(reader)
+            if code != 220:
+                raise ConnectionError(f"STARTTLS: {text}")
+            await writer.start_tls(tls)
+            writer.write(b"EHLO load.bench-example.net\r\n")
+            code, text = await _reply(reader)
+            if code != 250:
+                raise ConnectionError(f"EHLO after STARTTLS: {text}")
+        pipelining = any(line[4:].upper().startswith("PIPELINING") for line in text.split("\n"))
+        envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
+        while counter[0] < total:
+            index = counter[0]
+            counter[0] += 1
+            started = time.monotonic()
+            if pipelining:
+                writer.write(envelope)
+                replies = [await _reply(reader) for _ in range(3)]
+            else:
+                replies = []
+                for command in envelope.split(b"\r\n")[:3]:
+                    writer.write(command + b"\r\n")
+                    replies.append(await _reply(reader))
+                    if replies[-1][0] >= 400:
+                        break
+            if [code for code, _ in replies] != [250, 250, 354]:
+                result.rejected += 1
+                result.errors.append(" | ".join(text for _, text in replies))
+                writer.write(b"RSET\r\n")
+                await _reply(reader)
+                if len(result.errors) > 20:
+                    raise ConnectionError("too many rejections: " + result.errors[-1])
+                continue
+            writer.write(bodies[index % len(bodies)] + b".\r\n")
+            code, text = await _reply(reader)
+            if code == 250:
+                result.accepted += 1
+                result.finished = time.monotonic()
+                result.latencies.append(result.finished - started)
+            else:
+                result.rejected += 1
+                result.errors.append(text)
+        writer.write(b"QUIT\r\n")
+        await _reply(reader)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def load(port: int, messages: int, sessions: int, size: int, starttls: bool) -> LoadResult:
+    # Distinct bodies (Message-ID, Subject) for every message would cost the client
+    # more CPU than some servers spend; 1000 distinct bodies, reused, are plenty.
+    bodies = [message(i, size) for i in range(min(messages, 1000))]
+    result = LoadResult()
+    counter = [0]
+    result.started = time.monotonic()
+    tls = client_tls() if starttls else None
+    # SIGTERM (scripts/bench stopping the run) must end the load at once, not after it.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        outcomes = await asyncio.gather(*(_session(port, bodies, counter, messages, result, tls)
+                                          for _ in range(sessions)), return_exceptions=True)
+    except asyncio.CancelledError:
+        raise SystemExit(128 + signal.SIGTERM) from None
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            result.errors.append(f"session failed: {outcome!r}")
+    return result
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [float(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    busy0, total0 = cpu_times()
+    time.sleep(seconds)
+    busy1, total1 = cpu_times()
+    return (busy1 - busy0) / max(total1 - total0, 1.0)
+
+
+def warn_if_busy(what: str) -> None:
+    busy = machine_busy()
+    if busy > 0.15:
+        print(f"  warning: the machine is already {busy:.0%} busy before the {what} run "
+              f"(other processes): its figures will be low", flush=True)
+
+
+def server_cpu(work: Path) -> float:
+    """CPU seconds used so far by the servers under `work`: every process whose working
+    directory or command line is inside it, with its reaped children."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry.name}/cwd")
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().decode(errors="replace")
+            if not (cwd.startswith(str(work)) or str(work) in cmdline) or "dns-server" in cmdline:
+                continue
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15]) / tick  # utime stime cutime cstime
+    return total
+
+
+def run_load(port: int, args: argparse.Namespace) -> LoadResult:
+    import uvloop
+
+    busy0, total0 = cpu_times()
+    usage0 = os.times()
+    server0 = server_cpu(args.work)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        result = uvloop.run(load(port, args.messages, args.sessions, args.size, args.tls == "starttls"))
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # the closed loop leaves its own handler behind
+    result.server_cpu = server_cpu(args.work) - server0
+    result.server_cpu_start = server0
+    usage1 = os.times()
+    busy1, total1 = cpu_times()
+    result.machine_busy = (busy1 - busy0) / max(total1 - total0, 1.0)
+    result.client_cpu = (usage1.user - usage0.user) + (usage1.system - usage0.system)
+    return result
+
+
+# --- a local DNS responder (stands in for the MX's warm caching resolver) ------------------
+
+
+def dns_server(port: int) -> None:
+    """UDP DNS on 127.0.0.1:port: SPF and DMARC for the sender domain, PTR for 127.0.0.1,
+    NXDOMAIN for everything else. Answers are built once per distinct question and then
+    replayed with the query's ID, so the responder costs next to no CPU."""
+    import dns.flags
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+    import dns.rrset
+
+    records = {
+        (f"{SENDER_DOMAIN}.", "TXT"): ['"v=spf1 ip4:127.0.0.0/8 -all"'],
+        (f"_dmarc.{SENDER_DOMAIN}.", "TXT"): ['"v=DMARC1; p=none"'],
+        ("1.0.0.127.in-addr.arpa.", "PTR"): ["localhost."],
+        ("localhost.", "A"): ["127.0.0.1"],
+    }
+    names = {name for name, _ in records}
+    cache: dict[bytes, bytes] = {}
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    while True:
+        data, peer = sock.recvfrom(4096)
+        if len(data) < 12:
+            continue
+        key = data[2:3] + data[12:]  # flags byte (RD/CD...) + question + OPT
+        wire = cache.get(key)
+        if wire is None:
+            try:
+                query = dns.message.from_wire(data)
+            except Exception:
+                continue
+            response = dns.message.make_response(query)
+            question = query.question[0]
+            name = question.name.to_text().lower()
+            rtype = dns.rdatatype.to_text(question.rdtype)
+            if (name, rtype) in records:
+                response.answer.append(dns.rrset.from_text(name, 300, "IN", rtype, *records[(name, rtype)]))
+            elif name not in names:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            response.flags |= dns.flags.AA
+            wire = response.to_wire()
+            cache[key] = wire
+        sock.sendto(data[:2] + wire[2:], peer)
+
+
+# --- runbox-mta ---------------------------------------------------------------------------
+
+
+@dataclass
+class ServerRun:
+    name: str
+    load: LoadResult
+    stored: int = 0
+    stored_seconds: float | None = None  # first connect -> last message in the mailbox
+    stored_cpu: float | None = None  # server CPU seconds until then, if later than the last 250
+    notes: list[str] = field(default_factory=list)
+
+
+def bench_runbox(args: argparse.Namespace, work: Path, dns_port: int) -> ServerRun:
+    base = work / "runbox"
+    base.mkdir()
+    runbox = str(REPO / ".venv" / "bin" / "runbox-mta")
+    port = free_port()
+    config = base / "runbox-mta.toml"
+    config.write_text(f'''# runbox-mta benchmark configuration (temporary)
+hostname = "mx.{DOMAIN}"
+data_dir = "{base / 'var'}"
+[database]
+url = ""                      # SQLite in data_dir, WAL, synchronous=FULL
+[tls]
+cert = "{base / 'certs' / 'server.pem'}"
+key = "{base / 'certs' / 'server.key'}"
+[log]
+level = "info"
+[limits]
+connections_per_address = {args.sessions + 10}
+[outbound]
+nameservers = ["127.0.0.1:{dns_port}"]
+[[listeners]]
+protocol = "smtp"
+bind = "127.0.0.1"
+port = {port}
+tls = "{args.tls}"
+''')
+    conf = ["--config", str(config)]
+    run([runbox, *conf, "certs", "generate", "--hostname", "localhost", "--out", str(base / "certs")])
+    run([runbox, *conf, "db", "upgrade"])
+    run([runbox, *conf, "domain", "add", DOMAIN])
+    run([runbox, *conf, "user", "add", RECIPIENT, "--password-stdin"], input=b"benchmark-password-123\n")
+    log = base / "runbox-mta.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([runbox, *conf, "serve"], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    (work / "runbox.pid").write_text(str(process.pid))
+    try:
+        wait_for_port(port, 60, process, log)
+        warn_if_busy("runbox-mta")
+        print(f"  runbox-mta listening on 127.0.0.1:{port} (pid {process.pid}); sending ...", flush=True)
+        result = run_load(port, args)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        (work / "runbox.pid").unlink(missing_ok=True)
+    stored = count_runbox_inbox(config)
+    server = ServerRun("runbox-mta", result, stored=stored,
+                       stored_seconds=result.seconds if stored >= result.accepted else None)
+    if stored != result.accepted:
+        server.notes.append(f"runbox-mta: {result.accepted} accepted but {stored} in the INBOX")
+    return server
+
+
+def count_runbox_inbox(config: Path) -> int:
+    """Messages in the recipient's INBOX, through the store (after the daemon stopped)."""
+    code = f'''
+import asyncio
+from runbox_mta.config import load_config
+from runbox_mta.store import open_store
+
+async def main():
+    config = load_config({str(config)!r})
+    store = await open_store(config.database.url, data_dir=config.data_dir)
+    try:
+        account = await store.get_account({RECIPIENT!r})
+        mailbox = await store.get_mailbox(account.id, "INBOX")
+        print(len(await store.list_messages(mailbox.id)))
+    finally:
+        await store.close()
+
+asyncio.run(main())
+'''
+    return int(run([sys.executable, "-c", code], cwd=REPO).strip())
+
+
+# --- Postfix + Dovecot --------------------------------------------------------------------
+
+
+DOVECOT_CONF = """\
+# Private Dovecot instance for the benchmark: LMTP only, everything under {root}.
+base_dir = {root}/run
+state_dir = {root}/state
+instance_name = bench-dovecot-{tag}
+protocols = lmtp
+listen = 127.0.0.1
+ssl = no
+log_path = {root}/dovecot.log
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = 500
+mail_location = maildir:~/Maildir
+# mail_fsync = optimized is Dovecot's default: a delivered maildir file is
+# fsync'd before LMTP answers 250. Stated here so nobody has to look it up.
+mail_fsync = optimized
+auth_username_format = %Lu
+recipient_delimiter = +
+postmaster_address = postmaster@{domain}
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={root}/mail/%d/%n allow_all_users=yes
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+"""
+
+
+def postfix_main_cf(root: Path, port: int, lmtp_socket: Path, sessions: int, starttls: bool) -> str:
+    tls = (f"smtpd_tls_security_level = may\n"
+           f"smtpd_tls_chain_files = {root}/etc/server.key, {root}/etc/server.pem\n"
+           f"smtpd_tls_session_cache_database = btree:{root}/data/smtpd_scache\n") if starttls \
+        else "smtpd_tls_security_level = none\n"
+    return f"""\
+# Private Postfix instance for the benchmark: everything under {root}.
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.{DOMAIN}
+mydomain = {DOMAIN}
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains =
+virtual_mailbox_domains = {DOMAIN}
+virtual_mailbox_maps = texthash:{root}/etc/vmailbox
+virtual_transport = lmtp:unix:{lmtp_socket}
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_recipient_restrictions =
+{tls}smtp_tls_security_level = none
+# The load comes from one address: let all its sessions in (as a local MX
+# would for its own relays), and enough smtpd processes for them.
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+default_process_limit = {max(100, sessions * 2)}
+maillog_file_prefixes = {root}
+maillog_file = {root}/maillog
+biff = no
+"""
+
+
+POSTFIX_MASTER_CF = """\
+# service type  private unpriv  chroot  wakeup  maxproc command + args
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def maildir_count(maildir: Path) -> int:
+    count = 0
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(maildir / sub) as entries:
+                count += sum(1 for _ in entries)
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def bench_postfix(args: argparse.Namespace, work: Path) -> ServerRun:
+    dc = work / "dovecot"
+    pf = work / "postfix"
+    for path in (dc, dc / "run", dc / "state", dc / "mail", pf, pf / "etc", pf / "queue"):
+        path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chown(dc / "mail", MAIL_UID, MAIL_GID)
+    dovecot_conf = dc / "dovecot.conf"
+    dovecot_conf.write_text(DOVECOT_CONF.format(root=dc, tag=os.getpid(), domain=DOMAIN,
+                                                uid=MAIL_UID, gid=MAIL_GID))
+    port = free_port()
+    lmtp_socket = dc / "run" / "lmtp"
+    starttls = args.tls == "starttls"
+    if starttls:  # the same self-signed ECDSA P-256 certificate runbox-mta uses
+        from runbox_mta.certs import generate_self_signed
+        generate_self_signed("localhost", pf / "etc")
+    (pf / "etc" / "main.cf").write_text(postfix_main_cf(pf, port, lmtp_socket, args.sessions, starttls))
+    (pf / "etc" / "master.cf").write_text(POSTFIX_MASTER_CF.format(port=port))
+    (pf / "etc" / "vmailbox").write_text(f"{RECIPIENT} ok\n")
+    maildir = dc / "mail" / DOMAIN / RECIPIENT.split("@")[0] / "Maildir"
+
+    start_daemon(["dovecot", "-c", str(dovecot_conf)], dc / "start.log")
+    try:
+        deadline = time.monotonic() + 30
+        while not lmtp_socket.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"dovecot did not create {lmtp_socket}\n"
+                                 + (dc / "dovecot.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.1)
+        start_daemon(["postfix", "-c", str(pf / "etc"), "start"], pf / "start.log")
+        try:
+            wait_for_port(port, 60, log=pf / "maillog")
+            warn_if_busy("postfix+dovecot")
+            print(f"  postfix listening on 127.0.0.1:{port}, delivering over LMTP to dovecot; sending ...",
+                  flush=True)
+            result = run_load(port, args)
+            # Accepted is over; now wait for the queue to drain into the mailbox.
+            deadline = time.monotonic() + max(300.0, result.seconds * 10)
+            stored = maildir_count(maildir)
+            while stored < result.accepted and time.monotonic() < deadline:
+                time.sleep(0.05)
+                stored = maildir_count(maildir)
+            delivered_at = time.monotonic()
+            server = ServerRun("postfix+dovecot", result, stored=stored)
+            server.stored_cpu = server_cpu(work) - result.server_cpu_start
+            if stored >= result.accepted:
+                server.stored_seconds = delivered_at - result.started
+            else:
+                server.notes.append(f"postfix+dovecot: only {stored} of {result.accepted} delivered "
+                                    f"before the time limit")
+            errors = [line for line in (pf / "maillog").read_text(errors="replace").splitlines()
+                      if "status=deferred" in line or "status=bounced" in line or "fatal:" in line]
+            if errors:
+                server.notes.append(f"postfix maillog: {len(errors)} deferred/bounced/fatal lines, "
+                                    f"first: {errors[0]}")
+            return server
+        finally:
+            subprocess.run(["postfix", "-c", str(pf / "etc"), "stop"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        subprocess.run(["dovecot", "-c", str(dovecot_conf), "stop"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# --- reporting ----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def report(args: argparse.Namespace, runs: dict[str, ServerRun]) -> None:
+    print()
+    print(f"SMTP benchmark (nice {args.nice:+d}): {args.messages} messages of {args.size} bytes, {args.sessions} concurrent "
+          f"sessions, 1 recipient, {'plaintext' if args.tls == 'none' else 'STARTTLS'} SMTP on 127.0.0.1, "
+          f"{os.cpu_count()} CPUs, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print()
+    header = f"{'server':<18} {'accepted':>9} {'errors':>6} {'seconds':>8} {'accepted/s':>11} " \
+             f"{'stored':>7} {'stored/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU busy':>8}"
+    print(header)
+    print("-" * len(header))
+    for server in runs.values():
+        result = server.load
+        stored_rate = (server.stored / server.stored_seconds) if server.stored_seconds else float("nan")
+        print(f"{server.name:<18} {result.accepted:>9} {result.rejected:>6} {result.seconds:>8.2f} "
+              f"{result.rate:>11.1f} {server.stored:>7} {stored_rate:>9.1f} "
+              f"{percentile(result.latencies, 0.5) * 1000:>7.1f} {percentile(result.latencies, 0.99) * 1000:>7.1f} {result.machine_busy:>8.0%}")
+    print()
+    print("accepted/s: 250 replies after DATA per second, first connect to last 250.")
+    print("stored/s:   runbox-mta: = accepted/s (its 250 follows the SQLite COMMIT, synchronous=FULL),")
+    print("            INBOX count checked through the store afterwards;")
+    print("            postfix+dovecot: first connect until the last message is in Dovecot's maildir")
+    print("            (Postfix's 250 follows the fsync of its queue file; Dovecot fsyncs each")
+    print("            maildir file before its LMTP 250, mail_fsync = optimized, the default).")
+    for server in runs.values():
+        result = server.load
+        print(f"{server.name}: servers used {result.server_cpu:.1f} CPU-s "
+              f"({result.server_cpu / max(result.accepted, 1) * 1e3:.2f} ms per message) during sending; "
+              f"the load generator used {result.client_cpu:.1f} CPU-s")
+        if server.stored_cpu is not None:
+            print(f"{server.name}: servers used {server.stored_cpu:.1f} CPU-s "
+                  f"({server.stored_cpu / max(server.stored, 1) * 1e3:.2f} ms per message) "
+                  f"until the last message was in the mailbox")
+    print("p50/p99:    latency of one message, MAIL sent to 250 after the dot.")
+    print(f"CPU busy:   all {os.cpu_count()} CPUs, any process (server, load generator, DNS stub, others)")
+    print("            while the messages were being sent.")
+    rb, pd = runs.get("runbox"), runs.get("postfix")
+    if rb and pd and rb.load.rate and pd.load.rate:
+        print()
+        print(f"ratio runbox-mta accepted/s / postfix accepted/s:             {rb.load.rate / pd.load.rate:6.2f}x")
+        if pd.stored_seconds:
+            pd_stored = pd.stored / pd.stored_seconds
+            print(f"ratio runbox-mta stored/s   / postfix+dovecot delivered/s:    "
+                  f"{rb.load.rate / pd_stored:6.2f}x   (the like-for-like comparison)")
+        target = 2.0
+        verdict = "met" if pd.stored_seconds and rb.load.rate / (pd.stored / pd.stored_seconds) >= target \
+            else "NOT met"
+        print(f"target: at least {target:.0f}x the Postfix+Dovecot stored rate: {verdict}")
+    for server in runs.values():
+        for note in server.notes:
+            print(f"note: {note}")
+        for error in server.load.errors[:5]:
+            print(f"{server.name} error: {error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    smtp = sub.add_parser("smtp", help="runbox-mta vs Postfix+Dovecot, messages per second")
+    smtp.add_argument("--messages", type=int, default=20000)
+    smtp.add_argument("--sessions", type=int, default=50)
+    smtp.add_argument("--size", type=int, default=4096, help="message size in bytes")
+    smtp.add_argument("--only", choices=("runbox", "postfix"), help="run one side only")
+    smtp.add_argument("--nice", type=int, default=-10,
+                      help="scheduling priority change for everything the benchmark runs (0: none)")
+    smtp.add_argument("--tls", choices=("none", "starttls"), default="none",
+                      help="plaintext (default) or STARTTLS on both servers")
+    smtp.add_argument("--work", type=Path, required=True, help="temporary directory (scripts/bench makes it)")
+    dns = sub.add_parser("dns-server", help=argparse.SUPPRESS)
+    dns.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    # scripts/bench stops the driver with SIGTERM (Ctrl-C, its own failure): unwind
+    # through the finally blocks, which stop the servers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.command == "dns-server":
+        dns_server(args.port)
+        return 0
+    if args.messages < 1 or args.sessions < 1 or args.size < 512:
+        parser.error("--messages and --sessions must be positive, --size at least 512")
+
+    work: Path = args.work
+    runs: dict[str, ServerRun] = {}
+    if args.nice and os.geteuid() == 0:
+        # Every process started from here (servers, DNS stub, load generator) inherits
+        # the priority: on a shared machine the others' jobs then disturb both sides less.
+        os.nice(args.nice)
+    dns_port = free_port()
+    dns_process = subprocess.Popen([sys.executable, __file__, "dns-server", "--port", str(dns_port)],
+                                   start_new_session=True)
+    (work / "dns.pid").write_text(str(dns_process.pid))
+    try:
+        if args.only in (None, "runbox"):
+            print("runbox-mta ...", flush=True)
+            runs["runbox"] = bench_runbox(args, work, dns_port)
+        if args.only in (None, "postfix"):
+            print("postfix + dovecot ...", flush=True)
+            runs["postfix"] = bench_postfix(args, work)
+    finally:
+        dns_process.terminate()
+        dns_process.wait()
+        (work / "dns.pid").unlink(missing_ok=True)  # so scripts/bench never signals a reused pid
+    report(args, runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
