@@ -136,7 +136,7 @@ async def test_accept_message_stores_nothing_when_queueing_fails(store: Store, a
     async def broken(*args: object) -> int:
         raise RuntimeError("queue insert failed")
 
-    monkeypatch.setattr(api, "_insert_queue_entry", broken)
+    monkeypatch.setattr(api, "insert_queue_entry", broken)  # the name accept_message calls
     with pytest.raises(RuntimeError):
         await store.accept_message("", mailbox_ids=[inbox.id], local_data=MESSAGE,
                                    remote_recipients=["x@elsewhere.example"], remote_data=MESSAGE)

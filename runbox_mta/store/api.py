@@ -8,30 +8,32 @@ reach subscribers only after that.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import BigInteger, Row, Select, case, cast, delete, func, insert, or_, select, update
+from sqlalchemy import BigInteger, Row, Select, cast, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
 from runbox_mta.store import models as m
-from runbox_mta.store.blobs import BlobStore, parse_metadata
+from runbox_mta.store.blobs import BlobStore
 from runbox_mta.store.changes import ChangeBus, ChangeEvent, ChangeKind, Subscription
 from runbox_mta.store.committer import CommitStats, Committer, Job
 from runbox_mta.store.db import (
     connect, create_engine, in_chunks, require_current_schema, scrub_freed_pages,
 )
-from runbox_mta.store.flags import decode_flags, encode_flags
+from runbox_mta.store.flags import decode_flags
 from runbox_mta.store.maildrop import MaildropStore
 from runbox_mta.store.queue import QueueStore
 from runbox_mta.store.mailstore import MailStore
+from runbox_mta.store.writes import (
+    SPECIAL_USES, Appended, insert_mailbox, insert_messages, insert_queue_entry, new_copy, next_modseq,
+    no_mailbox, parse_message,
+)
 from runbox_mta.store.recipients import Resolution, check_quota, resolve, sender_addresses
 from runbox_mta.store.names import (
     INBOX, domain_of, normalise_address, normalise_alias_source, normalise_domain,
@@ -40,12 +42,9 @@ from runbox_mta.store.names import (
 
 T = TypeVar("T")
 
-SPECIAL_USES = ("\\Drafts", "\\Sent", "\\Trash", "\\Junk", "\\Archive")  # RFC 6154 §2
 DEFAULT_MAILBOXES = ((INBOX, None), ("Drafts", "\\Drafts"), ("Sent", "\\Sent"),
                      ("Trash", "\\Trash"), ("Junk", "\\Junk"), ("Archive", "\\Archive"))
 APP_PASSWORD_SCOPES = ("imap", "pop3", "smtp")
-# Messages larger than this are parsed in a thread (see _parse).
-INLINE_PARSE_LIMIT = 64 * 1024
 
 
 class _Unchanged(Enum):
@@ -122,14 +121,6 @@ class Mailbox:
     highestmodseq: int
     special_use: str | None
     subscribed: bool
-
-
-@dataclass(frozen=True)
-class Appended:
-    mailbox_id: int
-    uid: int
-    modseq: int
-    uidvalidity: int
 
 
 @dataclass(frozen=True)
@@ -276,7 +267,7 @@ class Store(MaildropStore, MailStore, QueueStore):
                                          quota_bytes=quota_bytes).returning(m.Account.id)
             )).scalar_one()
             for name, special_use in DEFAULT_MAILBOXES:
-                await _insert_mailbox(conn, account_id, name, special_use)
+                await insert_mailbox(conn, account_id, name, special_use)
             return await _load_account(conn, address)
 
         return await self._write(job)
@@ -489,7 +480,7 @@ class Store(MaildropStore, MailStore, QueueStore):
             exists = select(m.Mailbox.id).where(m.Mailbox.account_id == account_id, m.Mailbox.name == name)
             if await conn.scalar(exists) is not None:
                 raise AlreadyExists(f"mailbox {name} already exists")
-            return _mailbox(await _insert_mailbox(conn, account_id, name, special_use))
+            return _mailbox(await insert_mailbox(conn, account_id, name, special_use))
 
         return await self._write(job)
 
@@ -509,12 +500,12 @@ class Store(MaildropStore, MailStore, QueueStore):
 
     async def _store_message(self, mailbox_ids: Sequence[int], data: bytes, flags: Iterable[str],
                              internal_date: datetime | None) -> list[Appended]:
-        copy = _new_copy(data, flags, internal_date)
-        parsed = await _parse(data)
+        copy = new_copy(data, flags, internal_date)
+        parsed = await parse_message(data)
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> list[Appended]:
             blob_id = await self._blobs.put(conn, data, parsed)
-            return await _insert_messages(conn, events, blob_id, mailbox_ids, copy)
+            return await insert_messages(conn, events, blob_id, mailbox_ids, copy)
 
         return await self._write(job)
 
@@ -546,7 +537,7 @@ class Store(MaildropStore, MailStore, QueueStore):
             return
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> bool:
-            mailbox = await _next_modseq(conn, mailbox_id, new_uids=0)
+            mailbox = await next_modseq(conn, mailbox_id, new_uids=0)
             removed: list[Row[Any]] = []
             for chunk in in_chunks(wanted):
                 removed += await conn.execute(
@@ -580,11 +571,11 @@ class Store(MaildropStore, MailStore, QueueStore):
         addresses = [normalise_address(recipient) for recipient in recipients]
         if not addresses:
             raise ValueError("enqueue() needs at least one recipient")
-        parsed = await _parse(data)
+        parsed = await parse_message(data)
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> int:
             blob_id = await self._blobs.put(conn, data, parsed)
-            return await _insert_queue_entry(conn, blob_id, sender, addresses)
+            return await insert_queue_entry(conn, blob_id, sender, addresses)
 
         return await self._write(job)
 
@@ -636,9 +627,9 @@ class Store(MaildropStore, MailStore, QueueStore):
         addresses = [normalise_address(recipient) for recipient in remote_recipients]
         if not mailbox_ids and not addresses:
             raise ValueError("accept_message() needs a mailbox or a remote recipient")
-        copy = _new_copy(local_data, (), None)
-        local_parsed = await _parse(local_data) if mailbox_ids else None
-        remote_parsed = await _parse(remote_data) if addresses else None
+        copy = new_copy(local_data, (), None)
+        local_parsed = await parse_message(local_data) if mailbox_ids else None
+        remote_parsed = await parse_message(remote_data) if addresses else None
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> Accepted:
             appended: list[Appended] = []
@@ -646,10 +637,10 @@ class Store(MaildropStore, MailStore, QueueStore):
             if local_parsed is not None:
                 await check_quota(conn, mailbox_ids, len(local_data))
                 blob_id = await self._blobs.put(conn, local_data, local_parsed)
-                appended = await _insert_messages(conn, events, blob_id, mailbox_ids, copy)
+                appended = await insert_messages(conn, events, blob_id, mailbox_ids, copy)
             if remote_parsed is not None:
                 blob_id = await self._blobs.put(conn, remote_data, remote_parsed)
-                queue_id = await _insert_queue_entry(conn, blob_id, sender, addresses)
+                queue_id = await insert_queue_entry(conn, blob_id, sender, addresses)
             return Accepted(tuple(appended), queue_id)
 
         return await self._write(job)
@@ -657,64 +648,6 @@ class Store(MaildropStore, MailStore, QueueStore):
 
 class _NothingToExpunge(Exception):
     """Raised inside an expunge job to roll its savepoint back (no MODSEQ is spent on nothing)."""
-
-
-async def _parse(data: bytes) -> dict[str, Any]:
-    # Parsing a big message takes long enough to stall other connections.
-    if len(data) > INLINE_PARSE_LIMIT:
-        return await asyncio.to_thread(parse_metadata, data)
-    return parse_metadata(data)
-
-
-@dataclass(frozen=True)
-class _NewCopy:
-    """What every mailbox's copy of one stored message gets."""
-
-    size: int
-    system_flags: int
-    keywords: str
-    internal_date: datetime
-    offset_minutes: int
-
-
-def _new_copy(data: bytes, flags: Iterable[str], internal_date: datetime | None) -> _NewCopy:
-    system_flags, keywords = encode_flags(flags)
-    when = internal_date or datetime.now(UTC)
-    offset = when.utcoffset()
-    if offset is None:
-        raise ValueError("internal_date must be timezone-aware")
-    return _NewCopy(len(data), system_flags, keywords, when, int(offset.total_seconds() // 60))
-
-
-async def _insert_messages(conn: AsyncConnection, events: list[ChangeEvent], blob_id: int,
-                           mailbox_ids: Sequence[int], copy: _NewCopy) -> list[Appended]:
-    """One message row per mailbox, all on `blob_id`; results in the order of `mailbox_ids`."""
-    appended: list[Appended | None] = [None] * len(mailbox_ids)
-    # Lock mailbox rows in id order, so two deliveries cannot deadlock each other.
-    for index in sorted(range(len(mailbox_ids)), key=mailbox_ids.__getitem__):
-        mailbox_id = mailbox_ids[index]
-        mailbox = await _next_modseq(conn, mailbox_id, new_uids=1)
-        uid = mailbox.uidnext - 1
-        await conn.execute(insert(m.Message).values(
-            mailbox_id=mailbox_id, uid=uid, modseq=mailbox.highestmodseq, blob_id=blob_id,
-            system_flags=copy.system_flags, keywords=copy.keywords, internal_date=copy.internal_date,
-            internal_date_offset=copy.offset_minutes, size=copy.size,
-        ))
-        events.append(ChangeEvent(mailbox.account_id, mailbox_id, uid, mailbox.highestmodseq,
-                                  ChangeKind.APPEND))
-        appended[index] = Appended(mailbox_id, uid, mailbox.highestmodseq, mailbox.uidvalidity)
-    return [entry for entry in appended if entry is not None]
-
-
-async def _insert_queue_entry(conn: AsyncConnection, blob_id: int, sender: str, addresses: Sequence[str]) -> int:
-    queue_id = (await conn.execute(
-        insert(m.QueueMessage).values(blob_id=blob_id, sender=sender).returning(m.QueueMessage.id)
-    )).scalar_one()
-    await conn.execute(insert(m.QueueRecipient), [
-        {"queue_message_id": queue_id, "recipient": address, "domain": domain_of(address)}
-        for address in addresses
-    ])
-    return queue_id
 
 
 # --- queries shared by several methods -----------------------------------------------------
@@ -767,46 +700,9 @@ async def _load_account(conn: AsyncConnection, address: str) -> Account:
     return _account(row)
 
 
-async def _insert_mailbox(conn: AsyncConnection, account_id: int, name: str,
-                          special_use: str | None) -> Row[Any]:
-    # RFC 9051 §2.3.1.1: a mailbox re-created under an old name needs a larger
-    # UIDVALIDITY, so it comes from a per-account high-water mark that also
-    # moves with the clock.
-    now = int(time.time())
-    uidvalidity = (await conn.execute(
-        update(m.Account).where(m.Account.id == account_id)
-        .values(last_uidvalidity=case((m.Account.last_uidvalidity >= now, m.Account.last_uidvalidity + 1),
-                                      else_=now))
-        .returning(m.Account.last_uidvalidity)
-    )).scalar_one_or_none()
-    if uidvalidity is None:
-        raise NotFound(f"no such account id: {account_id}")
-    return (await conn.execute(
-        insert(m.Mailbox).values(account_id=account_id, name=name, uidvalidity=uidvalidity,
-                                 special_use=special_use).returning(*_columns(m.Mailbox))
-    )).one()
-
-
-async def _next_modseq(conn: AsyncConnection, mailbox_id: int, *, new_uids: int) -> Row[Any]:
-    """Take the next MODSEQ (and `new_uids` UIDs) of a mailbox in the caller's transaction.
-
-    The UPDATE row-locks the mailbox, which orders concurrent writers (other
-    daemons on PostgreSQL too) and makes UIDs and MODSEQs gap-free: a rolled
-    back job gives its numbers back. Returns the values after the update.
-    """
-    row = (await conn.execute(
-        update(m.Mailbox).where(m.Mailbox.id == mailbox_id)
-        .values(uidnext=m.Mailbox.uidnext + new_uids, highestmodseq=m.Mailbox.highestmodseq + 1)
-        .returning(m.Mailbox.account_id, m.Mailbox.uidvalidity, m.Mailbox.uidnext, m.Mailbox.highestmodseq)
-    )).one_or_none()
-    if row is None:
-        raise NotFound(_no_mailbox(mailbox_id))
-    return row
-
-
 async def _require_mailbox(conn: AsyncConnection, mailbox_id: int) -> None:
     if await conn.scalar(select(m.Mailbox.id).where(m.Mailbox.id == mailbox_id)) is None:
-        raise NotFound(_no_mailbox(mailbox_id))
+        raise NotFound(no_mailbox(mailbox_id))
 
 
 def _check_quota(quota_bytes: int | None) -> None:
@@ -823,10 +719,6 @@ def _not_hosted(domain: str) -> str:
 
 def _no_account(address: str) -> str:
     return f"no such account: {address}"
-
-
-def _no_mailbox(mailbox_id: int) -> str:
-    return f"no such mailbox id: {mailbox_id}"
 
 
 # --- rows to dataclasses -------------------------------------------------------------------

@@ -2,7 +2,7 @@
 flag updates, copies and moves, and mailbox management.
 
 `MailStore` is mixed into `Store` (api.py). Every write is a committer job
-that takes the mailbox's next MODSEQ first (`_next_modseq` row-locks the
+that takes the mailbox's next MODSEQ first (`writes.next_modseq` row-locks the
 mailbox), so MODSEQs stay strictly increasing per mailbox, across daemons.
 
 Cross-session updates are computed from the database, not from events:
@@ -30,6 +30,7 @@ from runbox_mta.store.db import connect, in_chunks, scrub_freed_pages
 from runbox_mta.store.flags import SYSTEM_FLAGS, decode_flags, encode_flags
 from runbox_mta.store.names import HIERARCHY_DELIMITER, INBOX, normalise_mailbox_name
 from runbox_mta.store.recipients import check_quota
+from runbox_mta.store.writes import SPECIAL_USES, insert_mailbox, insert_messages, new_copy, next_modseq, parse_message
 
 if TYPE_CHECKING:
     from runbox_mta.store.committer import Job
@@ -190,7 +191,7 @@ class MailStore:
         keywords = set(keyword_text.split())
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> FlagUpdate:
-            modseq = (await _next_modseq(conn, mailbox_id)).highestmodseq
+            modseq = (await next_modseq(conn, mailbox_id, new_uids=0)).highestmodseq
             changed, modified, unchanged, updates = [], [], [], []
             for chunk in in_chunks(uids):
                 rows = (await conn.execute(
@@ -224,15 +225,13 @@ class MailStore:
     async def append_checked(self, mailbox_id: int, data: bytes, flags: Iterable[str],
                              internal_date: datetime | None) -> tuple[int, int]:
         """APPEND with the quota checked in the same transaction; (uidvalidity, uid)."""
-        from runbox_mta.store.api import _insert_messages, _new_copy, _parse  # api imports this module
-
-        copy = _new_copy(data, flags, internal_date)
-        parsed = await _parse(data)
+        copy = new_copy(data, flags, internal_date)
+        parsed = await parse_message(data)
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> tuple[int, int]:
             await check_quota(conn, [mailbox_id], len(data))
             blob_id = await self._blobs.put(conn, data, parsed)
-            appended = (await _insert_messages(conn, events, blob_id, [mailbox_id], copy))[0]
+            appended = (await insert_messages(conn, events, blob_id, [mailbox_id], copy))[0]
             return appended.uidvalidity, appended.uid
 
         return await self._write(job)
@@ -256,7 +255,7 @@ class MailStore:
     async def _expunge_rows(self, conn: AsyncConnection, events: list[ChangeEvent], mailbox_id: int,
                             uids: Sequence[int]) -> bool:
         """Delete messages, leave tombstones, release blobs; True if the account is No Backup."""
-        box = await _next_modseq(conn, mailbox_id)
+        box = await next_modseq(conn, mailbox_id, new_uids=0)
         removed: list[Row[Any]] = []
         for chunk in in_chunks(sorted(uids)):
             removed += await conn.execute(
@@ -299,9 +298,7 @@ class MailStore:
                 raise AlreadyExists(f"mailbox {new} already exists")
             await _create_parents(conn, account_id, new)
             if old == INBOX:
-                from runbox_mta.store.api import _insert_mailbox
-
-                target = await _insert_mailbox(conn, account_id, new, None)
+                target = await insert_mailbox(conn, account_id, new, None)
                 uids = list(await conn.scalars(select(m.Message.uid).where(m.Message.mailbox_id == box_id)))
                 copied = await _copy_rows(conn, events, box_id, uids, target.id)
                 if copied.source_uids:
@@ -319,8 +316,6 @@ class MailStore:
 
     async def create_mailbox_path(self, account_id: int, name: str, special_use: str | None) -> None:
         """CREATE, with any missing superior names (RFC 9051 §6.3.4 SHOULD)."""
-        from runbox_mta.store.api import SPECIAL_USES, _insert_mailbox
-
         name = normalise_mailbox_name(name)
         if special_use is not None and special_use not in SPECIAL_USES:
             raise RunboxError(f"unsupported special-use attribute {special_use}")
@@ -330,7 +325,7 @@ class MailStore:
                                                            m.Mailbox.name == name)) is not None:
                 raise AlreadyExists(f"mailbox {name} already exists")
             await _create_parents(conn, account_id, name)
-            await _insert_mailbox(conn, account_id, name, special_use)
+            await insert_mailbox(conn, account_id, name, special_use)
 
         await self._write(job)
 
@@ -378,12 +373,6 @@ def _internal_date(row: Row[Any]) -> datetime:
     return row.internal_date.astimezone(timezone(timedelta(minutes=row.internal_date_offset)))
 
 
-async def _next_modseq(conn: AsyncConnection, mailbox_id: int, new_uids: int = 0) -> Row[Any]:
-    from runbox_mta.store.api import _next_modseq as next_modseq  # api imports this module
-
-    return await next_modseq(conn, mailbox_id, new_uids=new_uids)
-
-
 async def _copy_rows(conn: AsyncConnection, events: list[ChangeEvent], source_id: int, uids: Sequence[int],
                      target_id: int) -> Copied:
     rows: list[Row[Any]] = []
@@ -396,7 +385,7 @@ async def _copy_rows(conn: AsyncConnection, events: list[ChangeEvent], source_id
         target = (await conn.execute(select(m.Mailbox.uidvalidity).where(m.Mailbox.id == target_id))).one()
         return Copied(target.uidvalidity, (), ())
     await check_quota(conn, [target_id], sum(row.size for row in rows))
-    box = await _next_modseq(conn, target_id, len(rows))
+    box = await next_modseq(conn, target_id, new_uids=len(rows))
     first = box.uidnext - len(rows)
     await conn.execute(insert(m.Message), [
         {"mailbox_id": target_id, "uid": first + index, "modseq": box.highestmodseq, "blob_id": row.blob_id,
@@ -424,11 +413,9 @@ async def _has_children(conn: AsyncConnection, account_id: int, name: str) -> bo
 
 
 async def _create_parents(conn: AsyncConnection, account_id: int, name: str) -> None:
-    from runbox_mta.store.api import _insert_mailbox
-
     parts = name.split(HIERARCHY_DELIMITER)
     for depth in range(1, len(parts)):
         parent = HIERARCHY_DELIMITER.join(parts[:depth])
         if await conn.scalar(select(m.Mailbox.id).where(m.Mailbox.account_id == account_id,
                                                         m.Mailbox.name == parent)) is None:
-            await _insert_mailbox(conn, account_id, parent, None)
+            await insert_mailbox(conn, account_id, parent, None)
