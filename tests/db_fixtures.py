@@ -29,7 +29,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from runbox_mta.store import Store, open_store, upgrade_schema
+from runbox_mta.store import Account, Mailbox, Store, open_store, upgrade_schema
 
 DATABASE_URL_ENV = "RUNBOX_TEST_DATABASE_URL"
 SQLITE_FILENAME = "runbox.sqlite3"
@@ -144,3 +144,15 @@ async def store(database_url: str) -> AsyncIterator[Store]:
     opened = await open_store(database_url)
     yield opened
     await opened.close()
+
+
+@pytest.fixture
+async def alice(store: Store) -> Account:
+    """example.test hosted, with alice@example.test (a placeholder hash: no login here)."""
+    await store.add_domain("example.test", "sel1", "PEM")
+    return await store.add_account("alice@example.test", "hash-a")
+
+
+@pytest.fixture
+async def inbox(store: Store, alice: Account) -> Mailbox:
+    return await store.get_mailbox(alice.id, "INBOX")

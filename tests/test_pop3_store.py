@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 
 from runbox_mta.errors import NotFound
 from runbox_mta.pop3.message import transmitted_size, uidl
-from runbox_mta.store import Account, ChangeKind, Mailbox, Store, open_store
+from runbox_mta.store import ChangeKind, Store, open_store
 from runbox_mta.store import maildrop as maildrop_module
 from runbox_mta.store import models as m
 from runbox_mta.store.maildrop import LOCK_SPACE, POP3_SIZE_KEY, MaildropInUse, _batches
@@ -21,17 +21,6 @@ MESSAGES = [
     b"Subject: two\r\n\r\n.dot\r\n..dots\r\n",
     b"Subject: three\n\nbare LF, no final newline",
 ]
-
-
-@pytest.fixture
-async def alice(store: Store) -> Account:
-    await store.add_domain("example.test", "sel1", "PEM")
-    return await store.add_account("alice@example.test", "hash-a")
-
-
-@pytest.fixture
-async def inbox(store: Store, alice: Account) -> Mailbox:
-    return await store.get_mailbox(alice.id, "INBOX")
 
 
 async def cached_sizes(store: Store) -> dict[int, int | None]:

@@ -14,12 +14,6 @@ MESSAGE = b"From: a@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
 
 
 @pytest.fixture
-async def alice(store: Store) -> Account:
-    await store.add_domain("example.test", "sel1", "PEM")
-    return await store.add_account("alice@example.test", "hash-a")
-
-
-@pytest.fixture
 async def bob(store: Store, alice: Account) -> Account:
     return await store.add_account("bob@example.test", "hash-b")
 

@@ -42,17 +42,6 @@ MESSAGE = b"From: a@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
 # --- helpers ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def alice(store: Store) -> Account:
-    await store.add_domain("example.test", "sel1", "PEM")
-    return await store.add_account("alice@example.test", "hash-a")
-
-
-@pytest.fixture
-async def inbox(store: Store, alice: Account) -> Mailbox:
-    return await store.get_mailbox(alice.id, "INBOX")
-
-
 async def count_rows(store: Store, table: str) -> int:
     async with store.engine.connect() as conn:
         return (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
