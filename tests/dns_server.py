@@ -6,7 +6,9 @@ tests and sync code (pyspf and dkimpy in worker threads) can both use it.
 
 - Unknown names get NXDOMAIN; a name that exists (or has descendants) but
   lacks the asked type gets an empty NOERROR answer (NODATA).
-- `servfail(name)` answers SERVFAIL for that name.
+- `servfail(name)` answers SERVFAIL for that name (until `heal(name)`).
+- Resolvers cache answers for their TTL (300 s here): a test that changes a
+  record after asking for it asks again through a fresh `resolver()`.
 - `set_ad(True, zone)` sets the AD bit on answers at and below `zone`.
 - UDP answers larger than the client's EDNS size (512 without EDNS, or
   `udp_limit` if set) come back truncated (TC), so clients retry over TCP.
@@ -99,6 +101,11 @@ class DnsServer:
     def servfail(self, name: str) -> None:
         with self._lock:
             self._servfail.add(_name(name))
+
+    def heal(self, name: str) -> None:
+        """Answer `name` again after `servfail`."""
+        with self._lock:
+            self._servfail.discard(_name(name))
 
     def set_ad(self, value: bool, zone: str = ".") -> None:
         with self._lock:

@@ -79,7 +79,8 @@ async def test_ad_bit_is_reported_only_when_the_resolver_sets_it(dns_server: Dns
     assert (await resolver.tlsa("_25._tcp.mx.secure.test"))[1] is True
     assert (await resolver.tlsa("_25._tcp.mx.insecure.test"))[1] is False
     dns_server.set_ad(False, zone="secure.test")
-    assert (await resolver.tlsa("_25._tcp.mx.secure.test"))[1] is False
+    fresh = dns_server.resolver()  # `resolver` holds the authenticated answer for its TTL
+    assert (await fresh.tlsa("_25._tcp.mx.secure.test"))[1] is False
 
 
 async def test_queries_ask_for_dnssec(dns_server: DnsServer, resolver: Resolver) -> None:
@@ -100,6 +101,36 @@ async def test_sync_twin_uses_the_same_nameservers(dns_server: DnsServer, resolv
     dns_server.add_txt("example.test", "v=spf1 -all")
     assert resolver.sync_txt("example.test") == await resolver.txt("example.test") == ["v=spf1 -all"]
     assert resolver.sync_query("example.test", "A") == await resolver.query("example.test", "A")
+
+
+# --- the cache --------------------------------------------------------------------
+
+
+async def test_answers_are_cached_for_their_ttl_and_shared_with_the_sync_twin(
+    dns_server: DnsServer, resolver: Resolver
+) -> None:
+    dns_server.add_txt("example.test", "v=spf1 -all")
+    assert await resolver.txt("example.test") == ["v=spf1 -all"]
+    assert await resolver.txt("example.test") == ["v=spf1 -all"]
+    assert resolver.sync_txt("example.test") == ["v=spf1 -all"]
+    assert len(dns_server.queries) == 1
+    await resolver.query("example.test", "MX")  # another type is another question
+    assert len(dns_server.queries) == 2
+
+
+async def test_nxdomain_is_cached_too(dns_server: DnsServer, resolver: Resolver) -> None:
+    assert (await resolver.query("missing.example.test", "TXT")).nxdomain
+    assert (await resolver.query("missing.example.test", "TXT")).nxdomain
+    assert len(dns_server.queries) == 1
+
+
+async def test_failures_are_not_cached(dns_server: DnsServer, resolver: Resolver) -> None:
+    dns_server.servfail("flaky.example.test")
+    with pytest.raises(DnsTempError):
+        await resolver.txt("flaky.example.test")
+    dns_server.heal("flaky.example.test")
+    dns_server.add_txt("flaky.example.test", "v=spf1 -all")
+    assert await resolver.txt("flaky.example.test") == ["v=spf1 -all"]
 
 
 # --- no records vs. failures ------------------------------------------------------
@@ -183,7 +214,7 @@ async def test_truncated_answers_are_retried_over_tcp(dns_server: DnsServer, res
     assert len(long_record) > 2000
     dns_server.add_txt("big.example.test", long_record)
     assert await resolver.txt("big.example.test") == [long_record]
-    assert resolver.sync_txt("big.example.test") == [long_record]
+    assert dns_server.resolver().sync_txt("big.example.test") == [long_record]
     assert [transport for transport, *_ in dns_server.queries] == ["udp", "tcp", "udp", "tcp"]
 
 
