@@ -30,6 +30,7 @@ from runbox_mta.store.flags import decode_flags
 from runbox_mta.store.maildrop import MaildropStore
 from runbox_mta.store.queue import QueueStore
 from runbox_mta.store.mailstore import MailStore
+from runbox_mta.store.transfer import TransferStore
 from runbox_mta.store.writes import (
     SPECIAL_USES, Appended, insert_mailbox, insert_messages, insert_queue_entry, new_copy, next_modseq,
     no_mailbox, parse_message,
@@ -173,7 +174,7 @@ async def open_store(url: str, *, data_dir: Path | None = None) -> Store:
     return Store(engine)
 
 
-class Store(MaildropStore, MailStore, QueueStore):
+class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._blobs = BlobStore()
