@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_alias_commands(_group(commands, "alias", "aliases and catch-alls"))
     _add_app_password_commands(_group(commands, "app-password", "per-device app passwords"))
     _add_queue_commands(_group(commands, "queue", "outbound queue"))
+    _add_transfer_commands(commands)
     return parser
 
 
@@ -132,6 +133,15 @@ def _add_queue_commands(sub: argparse._SubParsersAction) -> None:
     _store_command(sub, "flush", queue_flush, "retry all queued mail now")
     remove = _store_command(sub, "remove", queue_remove, "delete a queued message (no bounce)")
     remove.add_argument("id", type=int)
+
+
+def _add_transfer_commands(commands: argparse._SubParsersAction) -> None:
+    import_ = _store_command(commands, "import", import_mail,
+                             "import a Maildir, an mbox file or a directory of mbox files", "address")
+    import_.add_argument("path", type=Path)
+    export = _store_command(commands, "export", export_mail,
+                            "write every mailbox as an mbox file into a new directory", "address")
+    export.add_argument("path", type=Path)
 
 
 def _on_off(text: str) -> bool:
@@ -421,6 +431,18 @@ async def queue_flush(store: "Store", args: argparse.Namespace, config: Config) 
 async def queue_remove(store: "Store", args: argparse.Namespace, config: Config) -> None:
     await store.remove_queued(args.id)
     print(f"removed queue entry {args.id}")
+
+
+async def import_mail(store: "Store", args: argparse.Namespace, config: Config) -> None:
+    from runbox_mta.transfer.migrate import import_path
+
+    await import_path(store, args.address, args.path, print)
+
+
+async def export_mail(store: "Store", args: argparse.Namespace, config: Config) -> None:
+    from runbox_mta.transfer.migrate import export_path
+
+    await export_path(store, args.address, args.path, print)
 
 
 if __name__ == "__main__":
