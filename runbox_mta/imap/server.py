@@ -4,8 +4,9 @@ Per connection: read with the session's idle timeout (a short one before
 login), feed the receiver, hand commands to the session, write and drain
 its responses, and do what only the glue can: STARTTLS, the AUTHENTICATE
 continuation, and IDLE, which waits on the client and on the store's change
-bus at once (with a short poll for changes the bus does not carry: flag
-changes and other daemons' writes).
+bus at once. The bus carries every committed APPEND, EXPUNGE and flag change,
+other daemons' too (relayed over PostgreSQL LISTEN/NOTIFY), so IDLE needs no
+poll: an event, or word that events were lost, makes it read the mailbox.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from runbox_mta.imap.wire import (
     IdleDone, NeedLiteral, NeedMore, ProtocolError, RawCommand, Receiver, SaslResponse,
 )
 from runbox_mta.net.listener import BoundListener, Connection, IdleTimeout, read_some, serve_streams
-from runbox_mta.store.changes import ChangesLost, Subscription
+from runbox_mta.store.changes import Subscription
 
 if TYPE_CHECKING:
     from runbox_mta.app import Services
@@ -34,10 +35,6 @@ BUSY_REPLY = status("BYE", "Too many connections, try again later.", "UNAVAILABL
 IDLE_TIMEOUT_REPLY = status("BYE", "Disconnected for inactivity.")
 SHUTDOWN_REPLY = status("BYE", "Server shutting down.", "UNAVAILABLE")
 CONTINUE_LITERAL = b"+ Ready for literal data\r\n"  # RFC 9051 §7.5
-# IDLE re-checks the mailbox this often for changes no event announces
-# (flags set by other sessions, writes by other daemons): SPEC §6 wants new
-# mail on an IDLE client within one second.
-IDLE_POLL_INTERVAL = 1.0
 GOODBYE_TIMEOUT = 1.0
 READ_SIZE = 65536
 # Inflated input is fed to the receiver this much at a time (it enforces the limits).
@@ -137,13 +134,13 @@ class ImapConnection:
         """RFC 2177: push updates until DONE; False if the client went away."""
         self.receiver.expect_done()
         state = self.session.state
-        subscription = (self.services.store.subscribe(mailbox_id=state.view.mailbox_id)
-                        if isinstance(state, Selected) else None)
-        try:
+        if not isinstance(state, Selected):
+            return await self._idle_loop(None)
+        with self.services.store.subscribe(mailbox_id=state.view.mailbox_id) as subscription:
+            # A change committed between IDLE's own sync and subscribing published its event to nobody.
+            if not await self._push_changes():
+                return False
             return await self._idle_loop(subscription)
-        finally:
-            if subscription is not None:
-                subscription.close()
 
     async def _idle_loop(self, subscription: Subscription | None) -> bool:
         loop = asyncio.get_running_loop()
@@ -157,14 +154,10 @@ class ImapConnection:
             assert isinstance(event, NeedMore), event
             if self._inflate_more():
                 continue
-            if loop.time() > deadline:
-                raise IdleTimeout
-            data, lost = await self._wait_idle(subscription)
-            if lost:
-                subscription = None  # fell behind: polling alone from here on
+            data, changed = await self._wait_idle(subscription, deadline - loop.time())
+            if changed and not await self._push_changes():
+                return False
             if data is None:
-                if not await self._push_changes():
-                    return False
                 continue
             if not data:
                 return False
@@ -181,26 +174,32 @@ class ImapConnection:
             await self.drain()
             return False
         except SERVICE_ERRORS:
-            # The database may be back at the next poll; the client is still idling.
+            # The next change tries again; the client is still idling.
             log.warning("imap: IDLE could not read mailbox changes", exc_info=True)
         await self.drain()
         return True
 
-    async def _wait_idle(self, subscription: Subscription | None) -> tuple[bytes | None, bool]:
-        """Client bytes (b"" at EOF) or None when the mailbox may have changed; and whether events were lost."""
+    async def _wait_idle(self, subscription: Subscription | None, timeout: float) -> tuple[bytes | None, bool]:
+        """Client bytes (b"" at EOF) if any, and whether the mailbox changed; IdleTimeout after `timeout`."""
         read = asyncio.ensure_future(self.conn.reader.read(READ_SIZE))
         change = asyncio.ensure_future(subscription.get()) if subscription is not None else None
         waiting = {read} if change is None else {read, change}
         try:
-            await asyncio.wait(waiting, timeout=IDLE_POLL_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in waiting:
                 task.cancel()
             await asyncio.wait(waiting)
-        # A read that completed while the others were cancelled still counts: its bytes are not lost.
-        data = read.result() if not read.cancelled() else None
-        lost = change is not None and not change.cancelled() and isinstance(change.exception(), ChangesLost)
-        return data, lost
+        # A read or an event that completed while the others were cancelled still counts.
+        data = None if read.cancelled() else read.result()
+        changed = change is not None and not change.cancelled()
+        if changed:
+            assert change is not None and subscription is not None
+            change.exception()  # an event, or ChangesLost: either way the mailbox is read again
+            subscription.clear()  # that read covers whatever else is queued
+        elif data is None:
+            raise IdleTimeout
+        return data, changed
 
     # --- the byte stream, deflated after COMPRESS (RFC 4978) -----------------------------------
 

@@ -171,10 +171,14 @@ class Session(MailboxCommands, MessageCommands):
             return self.reply_error(tag, "BAD", error)
         return await self._guarded(tag, "IDLE", self.done(tag, "IDLE terminated."))
 
-    async def done(self, tag: str, text: str, code: str | None = None, *, expunges: bool = True) -> None:
-        """Untagged updates about others' changes, then the tagged OK (RFC 9051 §7.4.1)."""
+    async def done(self, tag: str, text: str, code: str | None = None, *, expunges: bool = True,
+                   uid: bool = False) -> None:
+        """Untagged updates about others' changes, then the tagged OK (RFC 9051 §7.4.1).
+
+        `expunges`: False while answering FETCH, STORE or SEARCH; `uid`: the command was a UID one.
+        """
         if isinstance(self.state, Selected):
-            await self.sync(expunges=expunges)
+            await self.sync(expunges=expunges, uid=uid)
         self.out.write(tagged(tag, "OK", text, code))
 
     # --- any state (RFC 9051 §6.1) ----------------------------------------------------------

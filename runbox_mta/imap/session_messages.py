@@ -68,8 +68,13 @@ class MessageCommands(_Base):
 
     # --- untagged updates ----------------------------------------------------------------------
 
-    async def sync(self, *, expunges: bool) -> None:
-        """Tell the client what changed since the watermark (RFC 9051 §7.4.1, §7.5)."""
+    async def sync(self, *, expunges: bool, uid: bool = False) -> None:
+        """Tell the client what changed since the watermark (RFC 9051 §7.4.1, §7.5).
+
+        Flag changes go out as FETCH at any time (RFC 9051 §7.5.1 allows it),
+        with UID during a UID command, and UID and MODSEQ once CONDSTORE is
+        on (RFC 7162 §3.1); the session's own changes were reported already.
+        """
         view = self._view()
         try:
             changes = await self.services.store.changes_since(view.mailbox_id, view.highestmodseq)
@@ -83,7 +88,7 @@ class MessageCommands(_Base):
                 continue
             number = view.number(change.uid)
             if number is not None and change.uid not in view.pending_expunges:
-                self._write_fetch_flags(number, change, uid=False)
+                self._write_fetch_flags(number, change, uid=uid)
         view.own_changes.clear()
         if expunges and view.pending_expunges:
             self._announce_expunges(view)
@@ -158,7 +163,7 @@ class MessageCommands(_Base):
         view = self._writable()
         uids = view.uids if command.uid_set is None else view.select(command.uid_set, uid=True)
         await self.services.store.expunge(view.mailbox_id, await self._deleted_uids(view, uids))
-        await self.done(command.tag, "EXPUNGE completed.")  # sync announces them
+        await self.done(command.tag, "EXPUNGE completed.", uid=command.uid_set is not None)  # sync announces them
 
     async def _deleted_uids(self, view: MailboxView, uids: Sequence[int]) -> list[int]:
         rows = await self.services.store.message_rows(view.mailbox_id, uids, data=False)
@@ -192,7 +197,7 @@ class MessageCommands(_Base):
                 await self.out.flush()
         except UnknownCte:
             raise Refused("Unknown Content-Transfer-Encoding.", "UNKNOWN-CTE") from None  # RFC 3516 §4.2
-        await self.done(command.tag, "FETCH completed.", expunges=command.uid)
+        await self.done(command.tag, "FETCH completed.", expunges=command.uid, uid=command.uid)
 
     async def _vanished_since(self, view: MailboxView, command: c.Fetch) -> None:
         """UID FETCH ... (CHANGEDSINCE m VANISHED): expunged UIDs of the set first (RFC 7162 §3.2.6)."""
@@ -266,7 +271,7 @@ class MessageCommands(_Base):
         if update.modified:
             numbers = update.modified if command.uid else [view.number(uid) or 0 for uid in update.modified]
             code = f"MODIFIED {format_uid_set(numbers)}"  # RFC 7162 §3.1.3
-        await self.done(command.tag, "STORE completed.", code, expunges=command.uid)
+        await self.done(command.tag, "STORE completed.", code, expunges=command.uid, uid=command.uid)
 
     # --- SEARCH (RFC 9051 §6.4.4, RFC 4731 ESEARCH) --------------------------------------------
 
@@ -280,7 +285,8 @@ class MessageCommands(_Base):
             view.saved = _saved_uids(view, command, found, options)
             options = tuple(option for option in options if option != "SAVE")
             if not options:  # RFC 5182 §2.4: SAVE alone returns no ESEARCH
-                await self.done(command.tag, "SEARCH completed, result saved.", expunges=command.uid)
+                await self.done(command.tag, "SEARCH completed, result saved.", expunges=command.uid,
+                                uid=command.uid)
                 return
         if options is None and not self.rev2:
             # RFC 7162 §3.1.5: a search by MODSEQ reports the highest MODSEQ of the matches.
@@ -288,7 +294,7 @@ class MessageCommands(_Base):
             self.out.write(untagged(" ".join(["SEARCH", *map(str, found), *suffix])))
         else:
             self.out.write(untagged(_esearch(command, found, options or ("ALL",), modseq)))
-        await self.done(command.tag, "SEARCH completed.", expunges=command.uid)
+        await self.done(command.tag, "SEARCH completed.", expunges=command.uid, uid=command.uid)
 
     async def _matching(self, view: MailboxView, command: c.Search) -> tuple[list[int], int | None]:
         """The matching numbers (UIDs for UID SEARCH), and their highest MODSEQ when the key names MODSEQ."""
@@ -325,9 +331,9 @@ class MessageCommands(_Base):
         if move:
             if code:
                 self.out.write(status("OK", "Moved.", code))  # RFC 6851 §4.3: before the EXPUNGEs
-            await self.done(command.tag, "MOVE completed.")
+            await self.done(command.tag, "MOVE completed.", uid=command.uid)
         else:
-            await self.done(command.tag, "COPY completed.", code)
+            await self.done(command.tag, "COPY completed.", code, uid=command.uid)
 
 
 def _row_item(row: MessageRow, item: c.FetchAttribute) -> bytes:

@@ -3,10 +3,15 @@
 The committer publishes events only after COMMIT returned, so a subscriber
 woken by an event always finds the change in the database (mox
 store/state.go does the same). IMAP IDLE subscribes to its mailbox; an
-account-wide subscription serves NOTIFY-style listeners; a subscription to
-everything is the seam for the cross-daemon relay (PostgreSQL LISTEN/NOTIFY,
-to come with IMAP): it forwards local events as NOTIFY payloads, and the
-listener side calls `publish` with the events other daemons committed.
+account-wide subscription serves NOTIFY-style listeners. On PostgreSQL the
+committer also sends each batch's events as a NOTIFY inside its transaction,
+and the relay (notify.py) publishes other daemons' events here, so a
+subscriber hears every daemon's changes.
+
+Subscribers treat events as "look again" signals and read the state from
+the database, so a burst may be summarised as one RESYNC event, and a
+subscriber that fell behind is told so (ChangesLost) rather than given a
+backlog.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ MAX_PENDING_EVENTS = 10_000
 class ChangeKind(StrEnum):
     APPEND = "append"
     EXPUNGE = "expunge"
+    FLAGS = "flags"  # flags or keywords of the message changed; modseq is its new MODSEQ
+    # Something changed in the mailbox that is not itemised (a summarised burst,
+    # or the relay reconnected and may have missed events): re-read it; uid is 0.
+    RESYNC = "resync"
 
 
 @dataclass(frozen=True)
@@ -58,10 +67,16 @@ class Subscription:
             self._lost = True
 
     async def get(self) -> ChangeEvent:
-        """The next event; raises ChangesLost once events had to be dropped."""
+        """The next event; raises ChangesLost once events had to be dropped (until `clear`)."""
         if self._lost:
             raise ChangesLost("more than MAX_PENDING_EVENTS changes were not consumed")
         return await self._queue.get()
+
+    def clear(self) -> None:
+        """Forget the queued events and any loss: the caller is about to re-read the whole state."""
+        self._lost = False
+        while not self._queue.empty():
+            self._queue.get_nowait()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -104,6 +119,12 @@ class ChangeBus:
             subscribers.discard(subscription)
             if not subscribers:
                 del self._subscribers[subscription.key]
+
+    def subscribed(self) -> tuple[set[int], set[int]]:
+        """The mailbox ids and the account ids someone listens to (the relay's resync list)."""
+        mailboxes = {key[1] for key in self._subscribers if key[0] == "mailbox" and key[1] is not None}
+        accounts = {key[1] for key in self._subscribers if key[0] == "account" and key[1] is not None}
+        return mailboxes, accounts
 
     def publish(self, events: Iterable[ChangeEvent]) -> None:
         """Hand committed events to their subscribers; call only after COMMIT returned."""

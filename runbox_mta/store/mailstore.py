@@ -8,7 +8,9 @@ mailbox), so MODSEQs stay strictly increasing per mailbox, across daemons.
 Cross-session updates are computed from the database, not from events:
 `changes_since(mailbox, modseq)` reads the rows whose MODSEQ grew (index
 mailbox_id, modseq) and the expunge tombstones, so a session learns what any
-session on any daemon changed. The change bus only wakes IDLE early.
+session on any daemon changed. The change bus (APPEND, EXPUNGE and FLAGS
+events, relayed across daemons on PostgreSQL) tells an idling session when
+to look.
 """
 
 from __future__ import annotations
@@ -191,7 +193,8 @@ class MailStore:
         keywords = set(keyword_text.split())
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> FlagUpdate:
-            modseq = (await next_modseq(conn, mailbox_id, new_uids=0)).highestmodseq
+            box = await next_modseq(conn, mailbox_id, new_uids=0)
+            modseq = box.highestmodseq
             changed, modified, unchanged, updates = [], [], [], []
             for chunk in in_chunks(uids):
                 rows = (await conn.execute(
@@ -215,6 +218,8 @@ class MailStore:
                 update(m.Message).where(m.Message.mailbox_id == mailbox_id, m.Message.uid == bindparam("row_uid"))
                 .values(system_flags=bindparam("bits"), keywords=bindparam("words"), modseq=modseq),
                 updates)
+            events.extend(ChangeEvent(box.account_id, mailbox_id, change.uid, modseq, ChangeKind.FLAGS)
+                          for change in changed)
             return FlagUpdate(tuple(changed), tuple(modified), tuple(unchanged))
 
         try:
