@@ -7,7 +7,7 @@ Order matters and is deliberate:
    is created and opened unprivileged;
 4. open the store, which refuses an out-of-date schema;
 5. start each protocol on its socket, then the background services (the
-   outbound queue worker), tell systemd READY=1.
+   outbound queue worker; on PostgreSQL the change relay), tell systemd READY=1.
 SIGHUP reloads certificates for new handshakes; SIGTERM/SIGINT stop accepting,
 give live connections a grace period, cancel the rest and exit within 10 s.
 """
@@ -22,6 +22,8 @@ import signal
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy.engine import make_url
 
 from runbox_mta import systemd
 from runbox_mta.auth.service import AuthService
@@ -76,7 +78,15 @@ BackgroundService = Callable[[Services], Coroutine[Any, Any, None]]
 
 def background_services(config: Config) -> list[BackgroundService]:
     """The services a daemon with this config runs beside its listeners."""
-    return [run_queue] if config.outbound.enabled else []
+    services: list[BackgroundService] = [run_queue] if config.outbound.enabled else []
+    if make_url(config.database.url).get_backend_name() == "postgresql":
+        services.append(relay_changes)  # other daemons share the store: hear their changes
+    return services
+
+
+async def relay_changes(services: Services) -> None:
+    """Other daemons' committed changes onto this daemon's change bus (IMAP IDLE pushes them)."""
+    await services.store.relay.run()
 
 
 def check_listeners(config: Config, registry: dict[str, ProtocolSpec]) -> None:

@@ -30,6 +30,7 @@ from runbox_mta.store.flags import decode_flags
 from runbox_mta.store.maildrop import MaildropStore
 from runbox_mta.store.queue import QueueStore
 from runbox_mta.store.mailstore import MailStore
+from runbox_mta.store.notify import ChangeRelay
 from runbox_mta.store.transfer import TransferStore
 from runbox_mta.store.writes import (
     SPECIAL_USES, Appended, insert_mailbox, insert_messages, insert_queue_entry, new_copy, next_modseq,
@@ -180,6 +181,8 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         self._blobs = BlobStore()
         self._changes = ChangeBus()
         self._committer = Committer(engine, self._changes.publish)
+        # Other daemons' changes onto this bus (PostgreSQL; the daemon runs it, see app.py).
+        self.relay = ChangeRelay(engine, self._changes, self._committer.origin)
 
     @property
     def stats(self) -> CommitStats:

@@ -10,6 +10,9 @@ COMMIT returned resolves the futures and publishes the jobs' change events.
 Jobs arriving meanwhile form the next batch: no timer, no added latency for
 a job that arrives alone.
 
+On PostgreSQL the batch's change events also go out as NOTIFYs inside the
+transaction (notify.py), so other daemons hear of exactly the committed ones.
+
 Invariants: a future resolves with a result only if its job's writes are
 committed; change events of a job are published only if it committed; a job
 whose savepoint hit a PostgreSQL deadlock (two daemons locking mailboxes in
@@ -31,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from runbox_mta.errors import RunboxError
 from runbox_mta.store.changes import ChangeEvent
 from runbox_mta.store.db import connect, writer
+from runbox_mta.store.notify import new_origin, notify
 
 T = TypeVar("T")
 # A job gets the batch's connection and a list to append its change events to.
@@ -76,6 +80,8 @@ class Committer:
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
         self.stats = CommitStats()
+        # Tags this store's NOTIFYs, so its own relay can skip them (published here already).
+        self.origin = new_origin()
 
     async def submit(self, job: Job[T]) -> T:
         """Run `job` in the next batch; return its result once it is committed."""
@@ -116,6 +122,9 @@ class Committer:
                 async with conn.begin():
                     for pending in batch:
                         await self._run_job(conn, pending)
+                    if conn.dialect.name == "postgresql":
+                        await notify(conn, self.origin, [event for pending in batch if pending.error is None
+                                                         for event in pending.events])
                 # Leaving conn.begin() has committed.
             self.stats.commits += 1
         except Exception as error:
