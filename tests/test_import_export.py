@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 
 from runbox_mta.store import ChangeKind
+from runbox_mta.transfer.folders import export_file, target_name
 from runbox_mta.transfer.migrate import BATCH_MESSAGES, import_path
-from tests.test_cli import cli, config_path, fails, ok, stored  # noqa: F401 (fixtures)
+from tests import test_cli
+from tests.test_cli import fails, ok, stored
+
+# The CLI test's fixtures: the command line run in process against a fresh database.
+config_path = test_cli.config_path
+cli = test_cli.cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -217,8 +223,8 @@ def test_hand_written_mboxrd_file_goes_into_a_folder_named_after_it(cli, config_
     # The mbox bookkeeping fields go (Dovecot hides them too); quoting is undone; line ends are CRLF.
     assert one == (1, {"\\Seen", "\\Answered", "\\Flagged", "$Forwarded", "project-x"},
                    datetime(2024, 1, 1, 12, 30, 45, tzinfo=UTC),
-                   b"Return-Path: <carol@example.org>\r\nSubject: one\r\n\r\nFrom the body, quoted once\r\n"
-                   b">From quoted twice\r\nFrom inside a paragraph does not start a message\r\nCRLF line\r\nend\r\n")
+                   (b"Return-Path: <carol@example.org>\r\nSubject: one\r\n\r\nFrom the body, quoted once\r\n"
+                    b">From quoted twice\r\nFrom inside a paragraph does not start a message\r\nCRLF line\r\nend\r\n"))
     assert two[1:] == (set(), datetime(2024, 2, 13, 7, 0, tzinfo=UTC), b"Subject: two\r\n\r\nsecond\r\n")
 
 
@@ -269,3 +275,32 @@ def test_errors_are_one_line(cli, accounts, maildir, tmp_path):
     fails(cli("export", ALICE, str(notes)), "is not empty")
     fails(cli("export", ALICE, str(notes / "todo.txt")), "is not a directory")
     assert (notes / "todo.txt").read_text() == "buy milk\n"
+
+
+SPECIAL_USES = {"\\Sent": "Sent", "\\Drafts": "Drafts", "\\Trash": "Papirkurv", "\\Junk": "Junk",
+                "\\Archive": "Archive"}
+
+
+@pytest.mark.parametrize(("source", "mailbox"), [
+    (("INBOX",), "INBOX"),
+    (("inbox", "Lists"), "INBOX/Lists"),
+    (("Sent Items",), "Sent"),  # Outlook
+    (("Sent Messages",), "Sent"),  # Apple Mail
+    (("Deleted Messages",), "Papirkurv"),  # whatever the account's \Trash is called
+    (("Spam",), "Junk"),
+    (("archive", "2024"), "Archive/2024"),
+    (("Projects", "Sent"), "Projects/Sent"),  # only top-level names are special
+    (("Kjøp",), "Kjøp"),
+])
+def test_source_folders_map_onto_the_accounts_mailboxes(source, mailbox):
+    assert target_name(source, SPECIAL_USES) == mailbox
+
+
+@pytest.mark.parametrize(("mailbox", "file"), [
+    ("INBOX", "INBOX.mbox"),
+    ("Archive/2024", "Archive/2024.mbox"),
+    ("..", "%2E..mbox"),
+    (".hidden/50%", "%2Ehidden/50%25.mbox"),
+])
+def test_export_file_names_stay_inside_the_directory(mailbox, file):
+    assert export_file(Path("/out"), mailbox) == Path("/out") / file

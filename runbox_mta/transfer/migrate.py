@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from runbox_mta.errors import RunboxError
 from runbox_mta.store.transfer import ImportMessage, StoredMessage
@@ -34,7 +34,7 @@ BATCH_BYTES = 32 * 1024 * 1024
 async def import_path(store: Store, address: str, path: Path, report: Callable[[str], None]) -> None:
     """Import every folder at `path` into the account; RunboxError (after reporting) at its quota."""
     account = await store.get_account(address)
-    source = await asyncio.to_thread(_guarded, path, lambda: open_source(path))
+    source = await asyncio.to_thread(_guarded, path, open_source, path)
     special_uses = {box.special_use: box.name for box in await store.list_mailboxes(account.id)
                     if box.special_use}
     for skipped in source.skipped:
@@ -44,7 +44,7 @@ async def import_path(store: Store, address: str, path: Path, report: Callable[[
         mailbox_id = await store.ensure_mailbox(account.id, name)
         imported = duplicates = 0
         messages = folder.messages()
-        while batch := await asyncio.to_thread(_guarded, folder.location, lambda: _next_batch(messages)):
+        while batch := await asyncio.to_thread(_guarded, folder.location, _next_batch, messages):
             result = await store.import_messages(mailbox_id, [
                 ImportMessage(message.data, message.flags, message.internal_date) for message in batch])
             imported += len(result.uids)
@@ -59,14 +59,14 @@ async def import_path(store: Store, address: str, path: Path, report: Callable[[
 async def export_path(store: Store, address: str, path: Path, report: Callable[[str], None]) -> None:
     """One mboxrd file per mailbox under `path`, a new or empty directory; files are 0600."""
     account = await store.get_account(address)
-    await asyncio.to_thread(_guarded, path, lambda: _prepare_directory(path))
+    await asyncio.to_thread(_guarded, path, _prepare_directory, path)
     for box in await store.list_mailboxes(account.id):
         file_path = export_file(path, box.name)
-        fd = await asyncio.to_thread(_guarded, file_path, lambda: _create_private(file_path))
+        fd = await asyncio.to_thread(_guarded, file_path, _create_private, file_path)
         count = 0
         with os.fdopen(fd, "wb") as file:
             async for batch in store.stored_messages(box.id):
-                await asyncio.to_thread(_guarded, file_path, lambda: _write_entries(file, batch))
+                await asyncio.to_thread(_guarded, file_path, _write_entries, file, batch)
                 count += len(batch)
         report(f"{box.name}: {count} message{'s' if count != 1 else ''} exported to {file_path}")
 
@@ -105,9 +105,9 @@ def _create_private(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
-def _guarded(path: Path, action: Callable[[], T]) -> T:
+def _guarded(path: Path, action: Callable[..., T], *args: Any) -> T:
     """Run file work, turning an OS error into a one-line operator error."""
     try:
-        return action()
+        return action(*args)
     except OSError as error:
         raise RunboxError(f"{error.filename or path}: {error.strerror or error}") from None
