@@ -9,11 +9,15 @@ threads) and returns a `Sink` that records every message it accepted:
   server offers only a TLS 1.2 CBC suite, which the client's policy refuses);
 - "flaky": answers 451 to each recipient's first RCPT, 250 afterwards;
 - "reject": answers 550 5.1.1 to every RCPT.
+
+`start_sink(kind, certificate=...)` serves another certificate chain, e.g.
+one a test `Authority` (a CA made with cryptography) issued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -23,6 +27,10 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from runbox_mta.certs import generate_self_signed
 
@@ -101,9 +109,66 @@ class Sink:
         return self.messages
 
 
-def _server_context(certs: Path, kind: str) -> ssl.SSLContext:
+@dataclass(frozen=True)
+class Authority:
+    """A test CA: a root (`Authority.root(...)`) or an intermediate under one (`.intermediate(...)`)."""
+
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    parents: tuple[x509.Certificate, ...] = ()  # the issuers above, nearest first
+
+    @classmethod
+    def root(cls, name: str) -> Authority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = _name(name)
+        return cls(_sign(_builder(subject, key, ca=True).issuer_name(subject), key), key)
+
+    def intermediate(self, name: str) -> Authority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = _sign(_builder(_name(name), key, ca=True).issuer_name(self.certificate.subject), self.key)
+        return Authority(certificate, key, (self.certificate, *self.parents))
+
+    def pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, hostname: str, out: Path, *, expired: bool = False) -> tuple[Path, Path]:
+        """A server certificate for `hostname`, written with its whole chain (up to the root) and key."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (_builder(_name(hostname), key, ca=False, expired=expired).issuer_name(self.certificate.subject)
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False))
+        certificate = _sign(builder, self.key)
+        out.mkdir(parents=True, exist_ok=True)
+        chain, key_path = out / f"{hostname}.pem", out / f"{hostname}.key"
+        chain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                                   for c in (certificate, self.certificate, *self.parents)))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return chain, key_path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _builder(subject: x509.Name, key: ec.EllipticCurvePrivateKey, *, ca: bool,
+             expired: bool = False) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired else (
+        now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30))
+    return (x509.CertificateBuilder().subject_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+
+
+def _sign(builder: x509.CertificateBuilder, issuer_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    identifier = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+    return builder.add_extension(identifier, critical=False).sign(issuer_key, hashes.SHA256())
+
+
+def _server_context(chain: Path, key: Path, kind: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs / "server.pem", certs / "server.key")
+    context.load_cert_chain(chain, key)
     if kind == "broken-tls":
         # TLS 1.2 with a CBC suite only: the client's policy (AEAD only) shares nothing with it.
         context.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -116,14 +181,15 @@ SinkFactory = Callable[..., Awaitable[Sink]]
 
 @pytest.fixture
 async def start_sink(tmp_path: Path) -> AsyncIterator[SinkFactory]:
-    """start_sink(kind) -> a running Sink; all are closed after the test."""
+    """start_sink(kind, certificate=None) -> a running Sink; all are closed after the test."""
     certs = tmp_path / "sink-certs"
     generate_self_signed("localhost", certs)
     async with AsyncExitStack() as stack:
-        async def start(kind: str) -> Sink:
+        async def start(kind: str, certificate: tuple[Path, Path] | None = None) -> Sink:
             assert kind in SINK_KINDS
             handler = SinkHandler(kind)
-            tls = _server_context(certs, kind) if kind in ("starttls", "broken-tls") else None
+            chain, key = certificate or (certs / "server.pem", certs / "server.key")
+            tls = _server_context(chain, key, kind) if kind in ("starttls", "broken-tls") else None
             loop = asyncio.get_running_loop()
 
             def protocol() -> Any:

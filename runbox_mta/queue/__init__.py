@@ -5,7 +5,7 @@
 - `attempt`: one batch of messages to one destination over as few
   connections as possible, with the TLS policy per hop (opportunistic,
   configured `verify`, or DANE from `dane`).
-- `dane`: RFC 7672 DANE-EE from DNSSEC-authenticated TLSA records.
+- `dane`: RFC 7672 DANE-EE and DANE-TA from DNSSEC-authenticated TLSA records.
 - `bounces`: sending the DSNs (smtp.dsn) an attempt calls for.
 - `worker`: the background service a daemon runs: claims due recipients per
   destination (leases in the store), runs attempts, records outcomes and TLS

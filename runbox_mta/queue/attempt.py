@@ -96,11 +96,10 @@ class Attempt:
         """SPEC §4: DANE where secure TLSA records exist, else a configured `verify`, else
         opportunistic (RFC 7435)."""
         unverified = self._outbound.tls.client_context(verify=False)
-        dane = await dane_policy(self._outbound.resolver, hop.host, hop.port) if route.authenticated else None
+        dane = await dane_policy(self._outbound.resolver, hop.host, hop.port, self.domain) if route.authenticated else None
         if dane is not None:
-            # RFC 7672 §2.2: mandatory TLS; DANE-EE authenticates by key, not by name or CA.
-            return TlsPolicy(unverified, required=True, server_name=hop.host, peer_check=dane.check,
-                             outcome="verified by DANE-EE" if dane.records else "DANE, no usable TLSA record")
+            # RFC 7672 §2.2: mandatory TLS, authenticated by the chain against the TLSA records.
+            return TlsPolicy(unverified, required=True, server_name=hop.host, peer_check=dane.check)
         if self._outbound.config.tls_policy.get(self.domain) == "verify":
             # The certificate must name the MX host (as Postfix `verify`); Python
             # sends no SNI for an address literal and matches it against IP SANs.

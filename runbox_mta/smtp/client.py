@@ -7,8 +7,9 @@ refused) and, whenever STARTTLS is offered, upgrades (RFC 3207). TLS modes:
   a failed handshake is retried on a new connection to the same hop in
   plaintext, and a server without STARTTLS gets plaintext;
 - required (a policy applies): the server is authenticated by the given
-  context (CA and host name, `verify`) and/or a check of its certificate
-  (DANE-EE), and there is no plaintext fallback: `TlsRequired` (temporary).
+  context (CA and host name: `verify`, MTA-STS) and/or a check of the
+  certificate chain it sent (DANE), and there is no plaintext fallback:
+  `TlsRequired` (temporary).
 
 `Session.send` runs one transaction, pipelined when the server offers
 PIPELINING (RFC 2920), and returns one final reply per recipient. SIZE
@@ -18,6 +19,7 @@ anything is sent, so a message the server cannot take fails at once.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import re
 import ssl
@@ -76,6 +78,14 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class PeerVerdict:
+    """A policy's judgement of the server's certificate chain (e.g. DANE)."""
+
+    accepted: bool
+    why: str  # accepted: how the TLS outcome names the authentication; else the reason for refusal
+
+
+@dataclass(frozen=True)
 class TlsPolicy:
     """How to use STARTTLS: when `required`, no plaintext fallback, and the server is
     authenticated by `context` (it verifies) and/or `peer_check` (e.g. DANE) on its certificate."""
@@ -83,7 +93,9 @@ class TlsPolicy:
     context: ssl.SSLContext
     required: bool = False
     server_name: str | None = None  # SNI and the name checked when the context verifies
-    peer_check: Callable[[bytes], bool] | None = None  # the server's DER certificate -> accepted?
+    # Judges the server's chain as sent (DER, its own certificate first); its
+    # verdict, when accepted, names the authentication instead of `outcome`.
+    peer_check: Callable[[Sequence[bytes]], PeerVerdict] | None = None
     outcome: str = "unverified"  # how the TLS outcome names the authentication, e.g. "verified"
 
 
@@ -205,8 +217,9 @@ async def open_session(address: str, port: int, *, helo: str, tls: TlsPolicy) ->
                 raise TlsRequired(f"TLS is required but STARTTLS was refused: {reply.text}")
             return Session(reader, writer, extensions, f"plaintext (STARTTLS refused: {reply.code})")
         handshake_error = await _start_tls(writer, tls)
-        if handshake_error is None and not _peer_accepted(writer, tls):
-            raise TlsRequired("the server certificate does not match its TLSA records (DANE)")
+        verdict = _peer_verdict(writer, tls) if handshake_error is None else None
+        if verdict is not None and not verdict.accepted:
+            raise TlsRequired(f"the server certificate is not authenticated: {verdict.why}")
     except BaseException:
         await close(writer)
         raise
@@ -216,7 +229,8 @@ async def open_session(address: str, port: int, *, helo: str, tls: TlsPolicy) ->
         except BaseException:
             await close(writer)
             raise
-        return Session(reader, writer, extensions, f"{describe_tls(writer.get_extra_info('ssl_object'))} {tls.outcome}")
+        authentication = verdict.why if verdict is not None else tls.outcome
+        return Session(reader, writer, extensions, f"{describe_tls(writer.get_extra_info('ssl_object'))} {authentication}")
     await close(writer)
     if tls.required:
         raise TlsRequired(f"TLS is required but the handshake failed: {handshake_error}")
@@ -246,11 +260,25 @@ async def _start_tls(writer: asyncio.StreamWriter, tls: TlsPolicy) -> str | None
     return None
 
 
-def _peer_accepted(writer: asyncio.StreamWriter, tls: TlsPolicy) -> bool:
+def _peer_verdict(writer: asyncio.StreamWriter, tls: TlsPolicy) -> PeerVerdict | None:
     if tls.peer_check is None:
-        return True
-    certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    return certificate is not None and tls.peer_check(certificate)
+        return None
+    chain = peer_chain(writer.get_extra_info("ssl_object"))
+    return tls.peer_check(chain) if chain else PeerVerdict(False, "the server sent no certificate")
+
+
+def peer_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The certificates the server sent, as it sent them (DER, its own first), unverified.
+
+    DANE-TA needs them (RFC 7672 §3.1.2) and `getpeercert` gives only the
+    first. Python 3.13 made `get_unverified_chain` public; 3.11 and 3.12 have
+    the same OpenSSL call (SSL_get_peer_cert_chain) on the private `_sslobj`,
+    which those maintenance-only branches keep. The TLS session itself stays
+    in asyncio's (or uvloop's) hands either way.
+    """
+    public = getattr(ssl_object, "get_unverified_chain", None)
+    chain = public() if public is not None else ssl_object._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
+    return [item if isinstance(item, bytes) else item.public_bytes(_ssl.ENCODING_DER) for item in chain or ()]
 
 
 async def _connect(address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
