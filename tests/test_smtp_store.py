@@ -4,6 +4,7 @@ recipient resolution, sender addresses, quota, and local delivery + queueing in 
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import event
 
 from runbox_mta.errors import RunboxError
 from runbox_mta.store import Account, QuotaExceeded, Store
@@ -40,6 +41,19 @@ async def test_an_account_resolves_to_its_inbox_and_junk(store: Store, alice: Ac
     assert recipient.inbox_id == (await store.get_mailbox(alice.id, "INBOX")).id
     assert recipient.junk_id == (await store.get_mailbox(alice.id, "Junk")).id
     assert resolution.remote == ()
+
+
+async def test_looking_up_an_account_or_a_stranger_is_one_query(store: Store, alice: Account) -> None:
+    """RCPT runs this for every recipient: a round trip each for the domain, the aliases and
+    the account tripled the MX's database work."""
+    selects: list[str] = []
+    event.listen(store.engine.sync_engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: selects.append(statement)
+                 if statement.lstrip().upper().startswith("SELECT") else None)
+    await store.resolve_recipient("alice@example.test")
+    await store.resolve_recipient("nobody@example.test")
+    await store.resolve_recipient("someone@elsewhere.example")
+    assert len(selects) == 3 + 1  # nobody@ also asks for a catch-all
 
 
 async def test_unknown_and_foreign_addresses(store: Store, alice: Account) -> None:

@@ -39,12 +39,16 @@ def parse_metadata(data: bytes) -> dict[str, Any]:
     return {"size": len(data), "header_size": header_size, "body_lines": body_lines, STRUCTURE_KEY: structure}
 
 
+# Built once: every delivery runs it.
+_INSERT_BLOB = insert(m.Blob).returning(m.Blob.id)
+
+
 class BlobStore:
     """Blobs stored in the `blobs` table, inside the caller's transaction."""
 
     async def put(self, conn: AsyncConnection, data: bytes, parsed: dict[str, Any]) -> int:
-        statement = insert(m.Blob).values(size=len(data), data=data, parsed=parsed).returning(m.Blob.id)
-        return (await conn.execute(statement)).scalar_one()
+        row = {"size": len(data), "data": data, "parsed": parsed}
+        return (await conn.execute(_INSERT_BLOB, row)).scalar_one()
 
     async def get(self, conn: AsyncConnection, blob_id: int) -> bytes:
         data = await conn.scalar(select(m.Blob.data).where(m.Blob.id == blob_id))

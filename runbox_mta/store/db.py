@@ -56,6 +56,12 @@ MAX_IN_LIST = 500
 # would otherwise race to create the same tables.
 MIGRATION_LOCK_KEY = 0x72756E626F78  # "runbox"
 
+# Connections kept open. Fifty SMTP sessions looking up recipients at once
+# need a dozen or more; a pool of 5 (SQLAlchemy's default) opened and closed
+# one (an aiosqlite thread plus its PRAGMAs) per lookup beyond the fifth.
+POOL_SIZE = 20
+POOL_OVERFLOW = 30
+
 T = TypeVar("T")
 
 
@@ -73,7 +79,7 @@ def create_engine(url: str, *, data_dir: Path | None = None) -> AsyncEngine:
         _prepare_sqlite_file(parsed)
     # hide_parameters: an error's text must never carry message bytes or
     # password hashes into a log (SPEC §7: no mail content in logs, ever).
-    engine = create_async_engine(parsed, hide_parameters=True)
+    engine = create_async_engine(parsed, hide_parameters=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _configure_sqlite)
         event.listen(engine.sync_engine, "begin", _begin_sqlite)

@@ -23,8 +23,9 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import BigInteger, cast, func, select
+from sqlalchemy import BigInteger, Row, and_, bindparam, cast, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runbox_mta.errors import RunboxError
@@ -34,6 +35,7 @@ from runbox_mta.store.names import INBOX, domain_of, normalise_address
 log = logging.getLogger(__name__)
 
 RECIPIENT_DELIMITER = "+"
+JUNK = "\\Junk"  # RFC 6154 special use: where DMARC p=quarantine mail goes
 # Alias chains deeper than this are a misconfiguration (or a loop the visited
 # set already breaks); Postfix stops virtual alias expansion at 100 levels,
 # sensible chains are 2 or 3 long.
@@ -88,11 +90,36 @@ def without_tag(address: str) -> str:
 async def resolve(conn: AsyncConnection, address: str) -> Resolution:
     """Resolve one recipient address; RunboxError if it is not an address."""
     address = normalise_address(address)
-    if not await _hosted(conn, domain_of(address)):
-        return Resolution(address, hosted=False, remote=(address,))
     walk = _Walk(conn)
+    if await walk.facts(address) is None:
+        return Resolution(address, hosted=False, remote=(address,))
     await walk.expand(address, depth=0)
     return Resolution(address, hosted=True, local=tuple(walk.local.values()), remote=tuple(walk.remote))
+
+
+# Everything resolution needs to know about one address, in one round trip
+# (RCPT runs it for every recipient; three separate queries cost three times
+# the CPU): no row when its domain is not hosted, else one row per (alias
+# target x delivery mailbox), NULLs where there is no alias or no account.
+# Built once: building a statement costs more CPU than SQLite takes to run it.
+_ADDRESS_FACTS = (
+    select(m.Alias.target, m.Account.id.label("account_id"), m.Account.disabled, m.Account.quota_bytes,
+           m.Mailbox.id.label("mailbox_id"), m.Mailbox.name, m.Mailbox.special_use)
+    .select_from(m.Domain)
+    .outerjoin(m.Alias, and_(m.Alias.domain_id == m.Domain.id, m.Alias.source == bindparam("address")))
+    .outerjoin(m.Account, and_(m.Account.domain_id == m.Domain.id, m.Account.address == bindparam("address")))
+    .outerjoin(m.Mailbox, and_(m.Mailbox.account_id == m.Account.id,
+                               or_(m.Mailbox.name == INBOX, m.Mailbox.special_use == JUNK)))
+    .where(m.Domain.name == bindparam("domain"))
+)
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """One address at a hosted domain: its alias targets (sorted) and its account's rows, if any."""
+
+    targets: tuple[str, ...]
+    account_rows: tuple[Row[Any], ...]
 
 
 @dataclass
@@ -103,6 +130,19 @@ class _Walk:
     local: dict[int, LocalRecipient] = field(default_factory=dict)
     remote: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+    _known: dict[str, _Facts | None] = field(default_factory=dict)
+
+    async def facts(self, address: str) -> _Facts | None:
+        """What the store knows of `address` (or of a catch-all "@domain"); None if its domain
+        is not hosted here."""
+        if address not in self._known:
+            rows = (await self.conn.execute(_ADDRESS_FACTS, {"address": address,
+                                                             "domain": domain_of(address)})).all()
+            self._known[address] = None if not rows else _Facts(
+                targets=tuple(sorted({row.target for row in rows if row.target is not None})),
+                account_rows=tuple(row for row in rows if row.account_id is not None),
+            )
+        return self._known[address]
 
     async def expand(self, address: str, depth: int) -> None:
         if address in self.seen:
@@ -111,25 +151,26 @@ class _Walk:
             log.warning("alias chain longer than %d: stopped expanding", MAX_ALIAS_DEPTH)
             return
         self.seen.add(address)
-        domain = domain_of(address)
-        if not await _hosted(self.conn, domain):
+        if await self.facts(address) is None:
             if address not in self.remote:
                 self.remote.append(address)
             return
         for candidate in dict.fromkeys((address, without_tag(address))):
             if await self._expand_exact(candidate, depth):
                 return
-        await self._expand_targets(f"@{domain}", await _alias_targets(self.conn, f"@{domain}"), depth)
+        catch_all = f"@{domain_of(address)}"
+        facts = await self.facts(catch_all)
+        await self._expand_targets(catch_all, facts.targets if facts else (), depth)
 
     async def _expand_exact(self, address: str, depth: int) -> bool:
         """Aliases of `address`, else its account; False when neither exists."""
-        targets = await _alias_targets(self.conn, address)
-        if targets:
-            await self._expand_targets(address, targets, depth)
+        facts = await self.facts(address)
+        if facts is not None and facts.targets:
+            await self._expand_targets(address, facts.targets, depth)
             return True
         return await self._add_account(address)
 
-    async def _expand_targets(self, source: str, targets: list[str], depth: int) -> None:
+    async def _expand_targets(self, source: str, targets: tuple[str, ...], depth: int) -> None:
         for target in targets:
             if target == source:
                 await self._add_account(target)  # "keep a copy": the alias names its own account
@@ -138,13 +179,11 @@ class _Walk:
 
     async def _add_account(self, address: str) -> bool:
         """Add the account at `address` if it can receive; whether any account, even disabled, has it."""
-        account = (await self.conn.execute(
-            select(m.Account.id, m.Account.disabled, m.Account.quota_bytes).where(m.Account.address == address)
-        )).one_or_none()
-        if account is None:
+        facts = await self.facts(address)
+        if facts is None or not facts.account_rows:
             return False
-        if not account.disabled:
-            recipient = await _local_recipient(self.conn, account.id, address, account.quota_bytes)
+        if not facts.account_rows[0].disabled:
+            recipient = await _local_recipient(self.conn, address, facts.account_rows)
             if recipient is not None:
                 self.local.setdefault(recipient.account_id, recipient)
         return True
@@ -158,43 +197,41 @@ async def sender_addresses(conn: AsyncConnection, account_address: str) -> froze
     return frozenset({account_address, *rows})
 
 
+# The accounts with a quota among the owners of some mailboxes; usually none, in one round trip.
+_LIMITED_OWNERS = (
+    select(m.Mailbox.id.label("mailbox_id"), m.Account.id, m.Account.address, m.Account.quota_bytes)
+    .join(m.Account, m.Account.id == m.Mailbox.account_id)
+    .where(m.Mailbox.id.in_(bindparam("mailbox_ids", expanding=True)), m.Account.quota_bytes.is_not(None))
+)
+
+
 async def check_quota(conn: AsyncConnection, mailbox_ids: Iterable[int], size: int) -> None:
     """Raise QuotaExceeded if storing `size` bytes in each mailbox overflows an account's quota."""
     wanted = list(mailbox_ids)
-    rows = await conn.execute(select(m.Mailbox.id, m.Mailbox.account_id).where(m.Mailbox.id.in_(set(wanted))))
-    owners = {mailbox_id: account_id for mailbox_id, account_id in rows}
-    copies = Counter(owners[mailbox_id] for mailbox_id in wanted if mailbox_id in owners)
-    limited = (await conn.execute(
-        select(m.Account.id, m.Account.address, m.Account.quota_bytes)
-        .where(m.Account.id.in_(copies), m.Account.quota_bytes.is_not(None))
-    )).all()
-    used = await _used_bytes(conn, [row.id for row in limited])
-    over = [row.address for row in limited if used.get(row.id, 0) + size * copies[row.id] > row.quota_bytes]
+    rows = (await conn.execute(_LIMITED_OWNERS, {"mailbox_ids": sorted(set(wanted))})).all()
+    if not rows:
+        return
+    owner_of = {row.mailbox_id: row for row in rows}
+    copies = Counter(owner_of[mailbox_id].id for mailbox_id in wanted if mailbox_id in owner_of)
+    limited = {row.id: row for row in rows}
+    used = await _used_bytes(conn, list(limited))
+    over = [row.address for row in limited.values() if used.get(row.id, 0) + size * copies[row.id] > row.quota_bytes]
     if over:
         raise QuotaExceeded(over)
 
 
-async def _hosted(conn: AsyncConnection, domain: str) -> bool:
-    return await conn.scalar(select(m.Domain.id).where(m.Domain.name == domain)) is not None
-
-
-async def _alias_targets(conn: AsyncConnection, source: str) -> list[str]:
-    rows = await conn.scalars(select(m.Alias.target).where(m.Alias.source == source).order_by(m.Alias.target))
-    return list(rows)
-
-
-async def _local_recipient(conn: AsyncConnection, account_id: int, address: str,
-                           quota_bytes: int | None) -> LocalRecipient | None:
-    mailboxes = (await conn.execute(
-        select(m.Mailbox.id, m.Mailbox.name, m.Mailbox.special_use).where(m.Mailbox.account_id == account_id)
-    )).all()
-    inbox = next((row.id for row in mailboxes if row.name == INBOX), None)
+async def _local_recipient(conn: AsyncConnection, address: str,
+                           rows: tuple[Row[Any], ...]) -> LocalRecipient | None:
+    """The account's delivery facts from its _ADDRESS_FACTS rows."""
+    account = rows[0]
+    inbox = next((row.mailbox_id for row in rows if row.name == INBOX), None)
     if inbox is None:
         return None  # INBOX cannot be deleted (RFC 9051 §6.3.4); without one, nothing to deliver to
-    junk = next((row.id for row in mailboxes if row.special_use == "\\Junk"), None)
+    junk = next((row.mailbox_id for row in rows if row.special_use == JUNK), None)
     # Summing an account's message sizes costs a scan of its messages: only when a quota needs it.
-    used = 0 if quota_bytes is None else (await _used_bytes(conn, [account_id])).get(account_id, 0)
-    return LocalRecipient(account_id, address, inbox, junk, quota_bytes, used)
+    quota_bytes = account.quota_bytes
+    used = 0 if quota_bytes is None else (await _used_bytes(conn, [account.account_id])).get(account.account_id, 0)
+    return LocalRecipient(account.account_id, address, inbox, junk, quota_bytes, used)
 
 
 async def _used_bytes(conn: AsyncConnection, account_ids: list[int]) -> dict[int, int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, case, insert, update
+from sqlalchemy import Row, bindparam, case, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runbox_mta.errors import NotFound
@@ -71,6 +71,11 @@ def new_copy(data: bytes, flags: Iterable[str], internal_date: datetime | None) 
 
 
 
+# Built once (as _NEXT_MODSEQ below): every delivery runs them, and building a
+# statement costs more CPU than the database takes to run it.
+_INSERT_MESSAGE = insert(m.Message)
+
+
 async def insert_messages(conn: AsyncConnection, events: list[ChangeEvent], blob_id: int,
                            mailbox_ids: Sequence[int], copy: NewCopy) -> list[Appended]:
     """One message row per mailbox, all on `blob_id`; results in the order of `mailbox_ids`."""
@@ -80,11 +85,11 @@ async def insert_messages(conn: AsyncConnection, events: list[ChangeEvent], blob
         mailbox_id = mailbox_ids[index]
         mailbox = await next_modseq(conn, mailbox_id, new_uids=1)
         uid = mailbox.uidnext - 1
-        await conn.execute(insert(m.Message).values(
-            mailbox_id=mailbox_id, uid=uid, modseq=mailbox.highestmodseq, blob_id=blob_id,
-            system_flags=copy.system_flags, keywords=copy.keywords, internal_date=copy.internal_date,
-            internal_date_offset=copy.offset_minutes, size=copy.size,
-        ))
+        await conn.execute(_INSERT_MESSAGE, {
+            "mailbox_id": mailbox_id, "uid": uid, "modseq": mailbox.highestmodseq, "blob_id": blob_id,
+            "system_flags": copy.system_flags, "keywords": copy.keywords, "internal_date": copy.internal_date,
+            "internal_date_offset": copy.offset_minutes, "size": copy.size,
+        })
         events.append(ChangeEvent(mailbox.account_id, mailbox_id, uid, mailbox.highestmodseq,
                                   ChangeKind.APPEND))
         appended[index] = Appended(mailbox_id, uid, mailbox.highestmodseq, mailbox.uidvalidity)
@@ -125,6 +130,13 @@ async def insert_mailbox(conn: AsyncConnection, account_id: int, name: str,
 
 
 
+_NEXT_MODSEQ = (
+    update(m.Mailbox).where(m.Mailbox.id == bindparam("target_mailbox"))
+    .values(uidnext=m.Mailbox.uidnext + bindparam("new_uids"), highestmodseq=m.Mailbox.highestmodseq + 1)
+    .returning(m.Mailbox.account_id, m.Mailbox.uidvalidity, m.Mailbox.uidnext, m.Mailbox.highestmodseq)
+)
+
+
 async def next_modseq(conn: AsyncConnection, mailbox_id: int, *, new_uids: int) -> Row[Any]:
     """Take the next MODSEQ (and `new_uids` UIDs) of a mailbox in the caller's transaction.
 
@@ -132,11 +144,7 @@ async def next_modseq(conn: AsyncConnection, mailbox_id: int, *, new_uids: int) 
     daemons on PostgreSQL too) and makes UIDs and MODSEQs gap-free: a rolled
     back job gives its numbers back. Returns the values after the update.
     """
-    row = (await conn.execute(
-        update(m.Mailbox).where(m.Mailbox.id == mailbox_id)
-        .values(uidnext=m.Mailbox.uidnext + new_uids, highestmodseq=m.Mailbox.highestmodseq + 1)
-        .returning(m.Mailbox.account_id, m.Mailbox.uidvalidity, m.Mailbox.uidnext, m.Mailbox.highestmodseq)
-    )).one_or_none()
+    row = (await conn.execute(_NEXT_MODSEQ, {"target_mailbox": mailbox_id, "new_uids": new_uids})).one_or_none()
     if row is None:
         raise NotFound(no_mailbox(mailbox_id))
     return row
