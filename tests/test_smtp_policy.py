@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -100,6 +101,12 @@ def test_recipient_refusal(resolution: Resolution, may_relay: bool, size: int, e
 ])
 def test_content_refusal(data: bytes, refused: bool) -> None:
     assert content_refusal(data) == (codes.BARE_LINE_ENDING if refused else None)
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"x"]), max_size=12).map(b"".join))
+def test_bare_line_endings_are_any_cr_not_before_lf_or_lf_not_after_cr(data: bytes) -> None:
+    reference = re.search(rb"\r(?!\n)|(?<!\r)\n", data) is not None
+    assert (content_refusal(data) is not None) == reference
 
 
 @pytest.mark.parametrize(("result", "policy", "action"), [

@@ -25,14 +25,6 @@ JUNK_COMMAND_LIMIT = 100
 JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO"})
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 
-# RFC 5321 §2.3.8: CR and LF only ever appear together, as CRLF. A lone one
-# is what SMTP smuggling hides a second message behind ("\n.\n" ends DATA
-# for some receivers), so a message holding one is refused whole, as
-# Postfix (smtpd_forbid_bare_newline) and sendmail do, instead of being
-# stored or passed on to a server that might split it.
-_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-
-
 class DmarcAction(enum.Enum):
     DELIVER = "deliver"
     QUARANTINE = "quarantine"  # into the recipient's Junk mailbox
@@ -101,8 +93,21 @@ def recipient_refusal(resolution: Resolution, *, may_relay: bool, declared_size:
 
 
 def content_refusal(data: bytes) -> str | None:
-    """The message as DATA delivered it (dot-unstuffed, CRLF line ends)."""
-    return codes.BARE_LINE_ENDING if _BARE_CR_OR_LF.search(data) else None
+    """The message as DATA delivered it (dot-unstuffed, CRLF line ends).
+
+    RFC 5321 §2.3.8: CR and LF only ever appear together, as CRLF. A lone one
+    is what SMTP smuggling hides a second message behind ("\\n.\\n" ends DATA
+    for some receivers), so a message holding one is refused whole, as
+    Postfix (smtpd_forbid_bare_newline) and sendmail do, instead of being
+    stored or passed on to a server that might split it.
+    """
+    return codes.BARE_LINE_ENDING if has_bare_cr_or_lf(data) else None
+
+
+def has_bare_cr_or_lf(data: bytes) -> bool:
+    # Every CR is followed by LF and every LF preceded by CR exactly when the
+    # three counts agree; bytes.count is ten times faster than a regex here.
+    return not data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
 
 
 def dmarc_action(result: str, policy: str) -> DmarcAction:

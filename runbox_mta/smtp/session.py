@@ -53,6 +53,9 @@ from runbox_mta.store.recipients import Resolution
 COMMAND_LINE_LIMIT = 512
 MAIL_LINE_LIMIT = COMMAND_LINE_LIMIT + 26 + 10
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# MAIL/RCPT paths already parsed, shared by all sessions; emptied when full.
+_PARSED_PATHS: dict[tuple[str, int], tuple[str | None, str | None]] = {}
+MAX_PARSED_PATHS = 4096
 
 Authenticator = Callable[[str, str, str], Awaitable[AuthResult]]  # (user, password, client IP)
 
@@ -137,6 +140,18 @@ class SmtpSession(SMTP):
 
     def _create_envelope(self) -> MailEnvelope:
         return MailEnvelope()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses each MAIL/RCPT path with the email package's header
+        # parser (a twelfth of the MX's CPU); the same paths come again and again.
+        key = (arg, self.local_part_limit)
+        parsed = _PARSED_PATHS.get(key)
+        if parsed is None:
+            parsed = super()._getaddr(arg)
+            if len(_PARSED_PATHS) >= MAX_PARSED_PATHS:
+                _PARSED_PATHS.clear()
+            _PARSED_PATHS[key] = parsed
+        return parsed
 
     # --- replies, errors and closing -------------------------------------------------------------
 
