@@ -93,13 +93,23 @@ async def test_copy_and_move_give_new_uids_and_events(store):
     assert rows[0].parsed is not None and STRUCTURE_KEY in rows[0].parsed
 
 
-async def test_append_checked_honours_the_quota(store):
+async def test_append_messages_honours_the_quota(store):
     account_id, inbox = await inbox_with(store, 0)
     await store.update_account("ola@example.test", quota_bytes=len(MESSAGE) + 10)
-    uidvalidity, uid = await store.append_checked(inbox, MESSAGE, ["\\Seen"], datetime(2024, 1, 2, tzinfo=UTC))
-    assert uid == 1 and uidvalidity == (await store.get_mailbox(account_id, "INBOX")).uidvalidity
+    appended = await store.append_messages(inbox, [(MESSAGE, ["\\Seen"], datetime(2024, 1, 2, tzinfo=UTC))])
+    assert appended.uids == (1,) and appended.uidvalidity == (await store.get_mailbox(account_id, "INBOX")).uidvalidity
     with pytest.raises(QuotaExceeded):
-        await store.append_checked(inbox, MESSAGE, [], None)
+        await store.append_messages(inbox, [(MESSAGE, [], None)])
+
+
+async def test_append_messages_stores_all_or_none(store):
+    account_id, inbox = await inbox_with(store, 0)
+    appended = await store.append_messages(inbox, [(MESSAGE, [], None), (MESSAGE, ["\\Flagged"], None)])
+    assert appended.uids == (1, 2)
+    await store.update_account("ola@example.test", quota_bytes=3 * len(MESSAGE))
+    with pytest.raises(QuotaExceeded):  # the first would fit, the second not: neither is stored
+        await store.append_messages(inbox, [(MESSAGE, [], None), (MESSAGE, [], None)])
+    assert [message.uid for message in await store.list_messages(inbox)] == [1, 2]
 
 
 async def test_create_delete_rename_subscribe(store):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from runbox_mta.errors import RunboxError
 from runbox_mta.imap import commands as c
 from runbox_mta.imap.responses import SYSTEM_FLAGS, flag_list, mailbox_name, status, untagged
+from runbox_mta.imap.sequence import format_uid_set
 from runbox_mta.imap.session_state import Authenticated, MailboxView, Refused, Selected
 from runbox_mta.store.api import Mailbox
 from runbox_mta.store.names import HIERARCHY_DELIMITER, INBOX
@@ -209,17 +210,15 @@ class MailboxCommands(_Base):
     async def _append(self, command: c.Append) -> None:
         box = await self._find_for_append(command.mailbox)
         limit = self.services.config.limits.message_size
-        results: list[tuple[int, int]] = []
-        for message in command.messages:
+        for message in command.messages:  # all checked first: MULTIAPPEND stores all or none (RFC 3502 §3)
             if not message.data:
                 raise Refused("Cannot store an empty message.")
             if len(message.data) > limit:
                 raise Refused(f"Message exceeds the limit of {limit} bytes.", "TOOBIG")  # RFC 7889 §4
-            results.append(await self.services.store.append_checked(
-                box.id, message.data, message.flags, message.internal_date))
-        uidvalidity = results[0][0]
-        uid_set = ",".join(str(uid) for _, uid in results)
-        await self.done(command.tag, "APPEND completed.", f"APPENDUID {uidvalidity} {uid_set}")
+        appended = await self.services.store.append_messages(
+            box.id, [(message.data, message.flags, message.internal_date) for message in command.messages])
+        code = f"APPENDUID {appended.uidvalidity} {format_uid_set(appended.uids)}"  # RFC 4315 §3
+        await self.done(command.tag, "APPEND completed.", code)
 
     async def _find_for_append(self, name: str) -> Mailbox:
         try:

@@ -90,6 +90,14 @@ class FlagUpdate:
 
 
 @dataclass(frozen=True)
+class AppendUids:
+    """APPENDUID (RFC 4315 §3) of an APPEND."""
+
+    uidvalidity: int
+    uids: tuple[int, ...]  # consecutive, in the order the messages were given
+
+
+@dataclass(frozen=True)
 class Copied:
     uidvalidity: int
     source_uids: tuple[int, ...]
@@ -227,17 +235,22 @@ class MailStore:
         except _Nothing as nothing:
             return nothing.args[0]  # type: ignore[no-any-return]
 
-    async def append_checked(self, mailbox_id: int, data: bytes, flags: Iterable[str],
-                             internal_date: datetime | None) -> tuple[int, int]:
-        """APPEND with the quota checked in the same transaction; (uidvalidity, uid)."""
-        copy = new_copy(data, flags, internal_date)
-        parsed = await parse_message(data)
+    async def append_messages(self, mailbox_id: int,
+                              messages: Sequence[tuple[bytes, Iterable[str], datetime | None]]) -> AppendUids:
+        """APPEND of (data, flags, internal date)s: all of them or none (MULTIAPPEND, RFC 3502 §3),
+        in one transaction, with the quota checked for their total."""
+        copies = [new_copy(data, flags, internal_date) for data, flags, internal_date in messages]
+        parsed = [await parse_message(data) for data, _, _ in messages]
 
-        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> tuple[int, int]:
-            await check_quota(conn, [mailbox_id], len(data))
-            blob_id = await self._blobs.put(conn, data, parsed)
-            appended = (await insert_messages(conn, events, blob_id, [mailbox_id], copy))[0]
-            return appended.uidvalidity, appended.uid
+        async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> AppendUids:
+            await check_quota(conn, [mailbox_id], sum(copy.size for copy in copies))
+            uids, uidvalidity = [], 0
+            for (data, _, _), copy, metadata in zip(messages, copies, parsed):
+                blob_id = await self._blobs.put(conn, data, metadata)
+                appended = (await insert_messages(conn, events, blob_id, [mailbox_id], copy))[0]
+                uids.append(appended.uid)
+                uidvalidity = appended.uidvalidity
+            return AppendUids(uidvalidity, tuple(uids))
 
         return await self._write(job)
 
