@@ -29,64 +29,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench_common import (POSTFIX_MASTER_CF, REPO, Listener, client_tls, cpu_times, free_port, percentile, run,
+                          runbox_instance, server_cpu, start_daemon, wait_for_port, warn_if_busy)
+
 DOMAIN = "bench.test"
 RECIPIENT = f"rcpt@{DOMAIN}"
 SENDER_DOMAIN = "sender.bench-example.net"
 SENDER = f"load@{SENDER_DOMAIN}"
 MAIL_UID = MAIL_GID = 65534  # Dovecot delivers as nobody:nogroup (a virtual-mail uid)
 READ_TIMEOUT = 120.0
-
-
-# --- small helpers ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None,
-                  log: Path | None = None) -> None:
-    """Until something answers on 127.0.0.1:port with an SMTP greeting."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise SystemExit(f"server exited with status {process.returncode} before answering on {port}\n{tail}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                sock.settimeout(5)
-                if sock.recv(512).startswith(b"220"):
-                    sock.sendall(b"QUIT\r\n")
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise SystemExit(f"nothing answered on 127.0.0.1:{port} within {timeout:.0f} s\n{tail}")
-
-
-def run(cmd: list[str], *, input: bytes | None = None, cwd: Path | None = None) -> str:
-    result = subprocess.run(cmd, input=input, cwd=cwd, capture_output=True)
-    return _checked(cmd, result)
-
-
-def start_daemon(cmd: list[str], log: Path) -> None:
-    """A command that forks a daemon: its output goes to a file (a pipe would stay open)."""
-    with log.open("ab") as out:
-        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise SystemExit(f"command failed ({result.returncode}): {' '.join(cmd)}\n"
-                         + log.read_text(errors="replace")[-3000:])
-
-
-def _checked(cmd: list[str], result: subprocess.CompletedProcess[bytes]) -> str:
-    if result.returncode != 0:
-        raise SystemExit(f"command failed ({result.returncode}): {' '.join(cmd)}\n"
-                         f"{result.stdout.decode(errors='replace')}{result.stderr.decode(errors='replace')}")
-    return result.stdout.decode(errors="replace")
 
 
 def message(index: int, size: int) -> bytes:
@@ -146,15 +97,6 @@ async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
         lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
         if line[3:4] != b"-":
             return int(lines[0][:3]), "\n".join(lines)
-
-
-def client_tls() -> ssl.SSLContext:
-    """The load generator's TLS: no certificate check (self-signed test certificates),
-    otherwise the defaults (TLS 1.2+, the servers pick the cipher)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 async def _session(port: int, bodies: list[bytes], counter: list[int], total: int,
@@ -244,47 +186,6 @@ async def load(port: int, messages: int, sessions: int, size: int, starttls: boo
     return result
 
 
-def cpu_times() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    fields = [float(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
-
-
-def machine_busy(seconds: float = 1.0) -> float:
-    busy0, total0 = cpu_times()
-    time.sleep(seconds)
-    busy1, total1 = cpu_times()
-    return (busy1 - busy0) / max(total1 - total0, 1.0)
-
-
-def warn_if_busy(what: str) -> None:
-    busy = machine_busy()
-    if busy > 0.15:
-        print(f"  warning: the machine is already {busy:.0%} busy before the {what} run "
-              f"(other processes): its figures will be low", flush=True)
-
-
-def server_cpu(work: Path) -> float:
-    """CPU seconds used so far by the servers under `work`: every process whose working
-    directory or command line is inside it, with its reaped children."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{entry.name}/cwd")
-            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().decode(errors="replace")
-            if not (cwd.startswith(str(work)) or str(work) in cmdline) or "dns-server" in cmdline:
-                continue
-            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(value) for value in fields[11:15]) / tick  # utime stime cutime cstime
-    return total
-
-
 def run_load(port: int, args: argparse.Namespace) -> LoadResult:
     import uvloop
 
@@ -367,54 +268,14 @@ class ServerRun:
 
 
 def bench_runbox(args: argparse.Namespace, work: Path, dns_port: int) -> ServerRun:
-    base = work / "runbox"
-    base.mkdir()
-    runbox = str(REPO / ".venv" / "bin" / "runbox-mta")
     port = free_port()
-    config = base / "runbox-mta.toml"
-    config.write_text(f'''# runbox-mta benchmark configuration (temporary)
-hostname = "mx.{DOMAIN}"
-data_dir = "{base / 'var'}"
-[database]
-url = ""                      # SQLite in data_dir, WAL, synchronous=FULL
-[tls]
-cert = "{base / 'certs' / 'server.pem'}"
-key = "{base / 'certs' / 'server.key'}"
-[log]
-level = "info"
-[limits]
-connections_per_address = {args.sessions + 10}
-[outbound]
-nameservers = ["127.0.0.1:{dns_port}"]
-[[listeners]]
-protocol = "smtp"
-bind = "127.0.0.1"
-port = {port}
-tls = "{args.tls}"
-''')
-    conf = ["--config", str(config)]
-    run([runbox, *conf, "certs", "generate", "--hostname", "localhost", "--out", str(base / "certs")])
-    run([runbox, *conf, "db", "upgrade"])
-    run([runbox, *conf, "domain", "add", DOMAIN])
-    run([runbox, *conf, "user", "add", RECIPIENT, "--password-stdin"], input=b"benchmark-password-123\n")
-    log = base / "runbox-mta.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([runbox, *conf, "serve"], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    (work / "runbox.pid").write_text(str(process.pid))
-    try:
-        wait_for_port(port, 60, process, log)
+    extra = (f"[limits]\nconnections_per_address = {args.sessions + 10}\n"
+             f'[outbound]\nnameservers = ["127.0.0.1:{dns_port}"]\n')
+    with runbox_instance(work, hostname=f"mx.{DOMAIN}", domain=DOMAIN, users=[RECIPIENT],
+                         listeners=[Listener("smtp", args.tls, port)], extra_config=extra) as config:
         warn_if_busy("runbox-mta")
-        print(f"  runbox-mta listening on 127.0.0.1:{port} (pid {process.pid}); sending ...", flush=True)
+        print(f"  runbox-mta listening on 127.0.0.1:{port}; sending ...", flush=True)
         result = run_load(port, args)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        (work / "runbox.pid").unlink(missing_ok=True)
     stored = count_runbox_inbox(config)
     server = ServerRun("runbox-mta", result, stored=stored,
                        stored_seconds=result.seconds if stored >= result.accepted else None)
@@ -523,36 +384,6 @@ biff = no
 """
 
 
-POSTFIX_MASTER_CF = """\
-# service type  private unpriv  chroot  wakeup  maxproc command + args
-127.0.0.1:{port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
 def maildir_count(maildir: Path) -> int:
     count = 0
     for sub in ("new", "cur"):
@@ -628,13 +459,6 @@ def bench_postfix(args: argparse.Namespace, work: Path) -> ServerRun:
 
 
 # --- reporting ----------------------------------------------------------------------------
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def report(args: argparse.Namespace, runs: dict[str, ServerRun]) -> None:
