@@ -26,12 +26,12 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import asyncpg
-from sqlalchemy import or_, select, text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runbox_mta.store import models as m
 from runbox_mta.store.changes import ChangeBus, ChangeEvent, ChangeKind
-from runbox_mta.store.db import connect
+from runbox_mta.store.db import connect, in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,12 @@ class ChangeRelay:
         mailbox_ids, account_ids = self._bus.subscribed()
         if not mailbox_ids and not account_ids:
             return
+        boxes: dict[int, ChangeEvent] = {}
         async with connect(self._engine) as conn:
-            rows = (await conn.execute(
-                select(m.Mailbox.id, m.Mailbox.account_id, m.Mailbox.highestmodseq)
-                .where(or_(m.Mailbox.id.in_(mailbox_ids), m.Mailbox.account_id.in_(account_ids))))).all()
-        self._bus.publish(ChangeEvent(row.account_id, row.id, 0, row.highestmodseq, ChangeKind.RESYNC)
-                          for row in rows)
+            for column, ids in ((m.Mailbox.id, mailbox_ids), (m.Mailbox.account_id, account_ids)):
+                for chunk in in_chunks(sorted(ids)):
+                    rows = await conn.execute(select(m.Mailbox.id, m.Mailbox.account_id, m.Mailbox.highestmodseq)
+                                              .where(column.in_(chunk)))
+                    boxes.update((row.id, ChangeEvent(row.account_id, row.id, 0, row.highestmodseq,
+                                                      ChangeKind.RESYNC)) for row in rows)
+        self._bus.publish(boxes.values())
