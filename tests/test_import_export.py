@@ -179,9 +179,19 @@ def test_importing_the_same_source_twice_adds_nothing(cli, config_path, accounts
 
     assert "INBOX: 0 imported, 4 already present" in out.splitlines()
     assert mailboxes(config_path, ALICE) == before
-    # Duplicates are the same bytes at the same internal date: a changed message is new.
+    # A duplicate has the same internal date, size and Message-ID: an edited message is new.
     write_file(maildir / "cur" / f"{T0 + 4}.M4P1.host,S=99:2,S", NO_FINAL_NEWLINE + b"!", T0 + 4)
     assert "INBOX: 1 imported, 3 already present" in ok(cli("import", ALICE, str(maildir))).splitlines()
+
+
+def test_messages_without_message_id_are_duplicates_only_when_their_bytes_are(cli, config_path, accounts,
+                                                                              tmp_path):
+    root = make_maildir(tmp_path / "Maildir")
+    for name, text in (("a", b"Subject: one\n\nsame size\n"), ("b", b"Subject: two\n\nsame size\n")):
+        write_file(root / "cur" / f"{T0}.{name}.host:2,S", text, T0)
+
+    assert ok(cli("import", ALICE, str(root))).splitlines() == ["INBOX: 2 imported, 0 already present"]
+    assert ok(cli("import", ALICE, str(root))).splitlines() == ["INBOX: 0 imported, 2 already present"]
 
 
 MBOXRD = b"""\

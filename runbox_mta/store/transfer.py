@@ -5,15 +5,16 @@ keep flags and internal dates, and a mailbox's messages read in UID order.
 committer job: its messages get consecutive UIDs in the order given, one
 MODSEQ (as a COPY does), one blob each, and an APPEND change event each, so
 open IMAP sessions see them like any APPEND. A message already in the
-mailbox (same internal date, size and bytes) is skipped, which makes
-importing the same source twice harmless; the account's quota is checked
-in the same transaction, and the batch stores only what fits.
+mailbox (same internal date, size and Message-ID; without a Message-ID, the
+same internal date and bytes) is skipped, which makes importing the same
+source twice harmless; the account's quota is checked in the same
+transaction, and the batch stores only what fits.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,12 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runbox_mta.errors import NotFound
 from runbox_mta.store import models as m
-from runbox_mta.store.blobs import BlobStore
+from runbox_mta.store.blobs import STRUCTURE_KEY, BlobStore
 from runbox_mta.store.changes import ChangeEvent, ChangeKind
 from runbox_mta.store.db import connect, in_chunks
 from runbox_mta.store.flags import decode_flags
 from runbox_mta.store.names import HIERARCHY_DELIMITER, normalise_mailbox_name
-from runbox_mta.store.writes import insert_mailbox, new_copy, next_modseq, no_mailbox, parse_message
+from runbox_mta.store.writes import NewCopy, insert_mailbox, new_copy, next_modseq, no_mailbox, parse_message
 
 if TYPE_CHECKING:
     from runbox_mta.store.committer import Job
@@ -36,6 +37,8 @@ T = TypeVar("T")
 
 # Rows per read when exporting: bounds memory to this many messages' bytes.
 EXPORT_BATCH = 64
+# Where blobs.parsed keeps the Message-ID: imap.mime's structure JSON, the root part's envelope.
+_MESSAGE_ID = (STRUCTURE_KEY, "root", "envelope", "message_id")
 
 
 @dataclass(frozen=True)
@@ -91,19 +94,20 @@ class TransferStore:
         parsed = [await parse_message(message.data) for message in messages]
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> ImportResult:
-            seen = await _present(self._blobs, conn, mailbox_id, copies)
+            present = _Present(self._blobs, conn)
+            await present.load(mailbox_id, copies)
             room = await _room(conn, mailbox_id)
             fresh: list[int] = []
             duplicates = over_quota = 0
             for index, (message, copy) in enumerate(zip(messages, copies)):
-                key = (copy.internal_date, message.data)
-                if key in seen:
+                message_id = _message_id(parsed[index])
+                if await present.contains(copy, message_id, message.data):
                     duplicates += 1
                     continue
                 if room is not None and copy.size > room:
                     over_quota = len(messages) - index
                     break
-                seen.add(key)
+                present.add(copy, message_id, message.data)
                 fresh.append(index)
                 if room is not None:
                     room -= copy.size
@@ -149,24 +153,59 @@ class TransferStore:
             after = rows[-1].uid
 
 
-async def _present(blobs: BlobStore, conn: AsyncConnection, mailbox_id: int,
-                   copies: Sequence[Any]) -> set[tuple[datetime, bytes]]:
-    """(internal date, bytes) of the mailbox's messages that share a size and date with a new one.
+@dataclass
+class _Present:
+    """What of the mailbox a new message could duplicate: one with the same internal date, size
+    and Message-ID, or, for a message without a Message-ID, the same internal date and bytes.
 
-    Size and date narrow the candidates in SQL; only those are read and
-    compared byte for byte, so a re-import reads each duplicate once and a
-    fresh import reads nothing.
+    Size and date narrow the candidates in SQL and the Message-ID comes out of
+    the stored parse, so only messages without one are read, and only when a
+    new one without one matches their date and size.
     """
-    wanted = {(copy.internal_date, copy.size) for copy in copies}
-    present: set[tuple[datetime, bytes]] = set()
-    for chunk in in_chunks(sorted({size for _, size in wanted})):
-        rows = (await conn.execute(
-            select(m.Message.internal_date, m.Message.size, m.Message.blob_id)
-            .where(m.Message.mailbox_id == mailbox_id, m.Message.size.in_(chunk)))).all()
-        for row in rows:
-            if (row.internal_date, row.size) in wanted:
-                present.add((row.internal_date, await blobs.get(conn, row.blob_id)))
-    return present
+
+    blobs: BlobStore
+    conn: AsyncConnection
+    identified: set[tuple[datetime, int, str]] = field(default_factory=set)
+    anonymous: dict[tuple[datetime, int], list[int | bytes]] = field(default_factory=dict)  # blob ids, bytes
+
+    async def load(self, mailbox_id: int, copies: Sequence[NewCopy]) -> None:
+        wanted = {(copy.internal_date, copy.size) for copy in copies}
+        message_id = m.Blob.parsed[_MESSAGE_ID].as_string()
+        for chunk in in_chunks(sorted({size for _, size in wanted})):
+            rows = (await self.conn.execute(
+                select(m.Message.internal_date, m.Message.size, m.Message.blob_id, message_id.label("message_id"))
+                .join(m.Blob, m.Blob.id == m.Message.blob_id)
+                .where(m.Message.mailbox_id == mailbox_id, m.Message.size.in_(chunk)))).all()
+            for row in rows:
+                if (row.internal_date, row.size) in wanted:
+                    self._add(row.internal_date, row.size, row.message_id, row.blob_id)
+
+    async def contains(self, copy: NewCopy, message_id: str | None, data: bytes) -> bool:
+        if message_id is not None:
+            return (copy.internal_date, copy.size, message_id) in self.identified
+        entries = self.anonymous.get((copy.internal_date, copy.size), [])
+        for index, entry in enumerate(entries):
+            if isinstance(entry, int):
+                entry = entries[index] = await self.blobs.get(self.conn, entry)
+            if entry == data:
+                return True
+        return False
+
+    def add(self, copy: NewCopy, message_id: str | None, data: bytes) -> None:
+        self._add(copy.internal_date, copy.size, message_id, data)
+
+    def _add(self, when: datetime, size: int, message_id: str | None, content: int | bytes) -> None:
+        if message_id is not None:
+            self.identified.add((when, size, message_id))
+        else:
+            self.anonymous.setdefault((when, size), []).append(content)
+
+
+def _message_id(parsed: dict[str, Any]) -> str | None:
+    value: Any = parsed
+    for key in _MESSAGE_ID:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
 
 
 async def _room(conn: AsyncConnection, mailbox_id: int) -> int | None:

@@ -16,6 +16,8 @@ Invariants:
   hides them, because export writes them: import -> export -> import gives
   the same bytes, flags and internal dates.
 - A message already in its target mailbox (same internal date, size and
-  bytes) is skipped, so importing a source twice adds nothing.
+  Message-ID, or same bytes when it has no Message-ID) is skipped, so
+  importing a source twice adds nothing (Dovecot's dsync skips by GUID,
+  which plain Maildir and mbox sources do not carry).
 - Imports stop cleanly at the account's quota; exports never overwrite.
 """
