@@ -53,8 +53,8 @@ def pushed(raw: Raw, started: float) -> bytes:
 
 
 def highestmodseq(select_reply: list[bytes]) -> int:
-    found = next(re.search(rb"\[HIGHESTMODSEQ (\d+)\]", line) for line in select_reply if b"HIGHESTMODSEQ" in line)
-    assert found is not None
+    found = re.search(rb"\[HIGHESTMODSEQ (\d+)\]", b"\n".join(select_reply))
+    assert found is not None, select_reply
     return int(found.group(1))
 
 
@@ -180,31 +180,28 @@ def postgresql_only(database_url: str) -> None:
         pytest.skip("SQLite: one daemon per database file, nothing to relay")
 
 
-async def relay_backends(database_url: str) -> list[int]:
+async def query(database_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    """`sql` on a connection of its own to the test's database."""
+    conn = await asyncpg.connect(make_url(database_url).set(drivername="postgresql")
+                                 .render_as_string(hide_password=False))
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+def relay_backends(database_url: str) -> list[int]:
     """Server pids of the relays LISTENing on this database."""
-    url = make_url(database_url)
-    conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
-    try:
-        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2 "
-                                "AND query LIKE 'LISTEN%'", url.database, APPLICATION_NAME)
-        return sorted(row["pid"] for row in rows)
-    finally:
-        await conn.close()
-
-
-async def terminate(database_url: str, pid: int) -> None:
-    url = make_url(database_url)
-    conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
-    try:
-        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
-    finally:
-        await conn.close()
+    rows = asyncio.run(query(database_url, "SELECT pid FROM pg_stat_activity WHERE datname = $1 "
+                             "AND application_name = $2 AND query LIKE 'LISTEN%'",
+                             make_url(database_url).database, APPLICATION_NAME))
+    return sorted(row["pid"] for row in rows)
 
 
 def wait_for_relays(database_url: str, count: int, not_in: Sequence[int] = ()) -> list[int]:
     deadline = time.monotonic() + RECONNECT_WITHIN
     while time.monotonic() < deadline:
-        pids = asyncio.run(relay_backends(database_url))
+        pids = relay_backends(database_url)
         if len(pids) == count and not set(pids) & set(not_in):
             return pids
         time.sleep(0.05)
@@ -250,8 +247,7 @@ def test_a_relay_whose_connection_is_cut_reconnects_and_catches_up(two_daemons, 
     idler = session(two, tls_client, b"INBOX")
     idle(idler)
     before = wait_for_relays(database_url, 2)
-    for pid in before:
-        asyncio.run(terminate(database_url, pid))
+    asyncio.run(query(database_url, "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", before))
     # Committed while no relay listens: its NOTIFY reaches nobody; the reconnect's re-read finds it.
     one.call(one.store.append(inbox, MESSAGES[1]))
     assert idler.line() == b"* 4 EXISTS"
