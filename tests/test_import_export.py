@@ -205,7 +205,7 @@ From carol@example.org Mon Jan  1 12:30:45 2024
 Return-Path: <carol@example.org>
 Status: RO
 X-Status: AF
-X-Keywords: $Forwarded project-x
+X-Keywords: $Forwarded, project-x [not-a-keyword] bl\xc3\xa5
 X-UID: 7
 Subject: one
 
@@ -230,7 +230,8 @@ def test_hand_written_mboxrd_file_goes_into_a_folder_named_after_it(cli, config_
     assert ok(cli("import", ALICE, str(source))).splitlines() == ["Lists: 2 imported, 0 already present"]
 
     one, two = mailboxes(config_path, ALICE)["Lists"]
-    # The mbox bookkeeping fields go (Dovecot hides them too); quoting is undone; line ends are CRLF.
+    # The mbox bookkeeping fields go (Dovecot hides them too); quoting is undone; line ends are CRLF;
+    # labels that cannot be IMAP keywords are dropped.
     assert one == (1, {"\\Seen", "\\Answered", "\\Flagged", "$Forwarded", "project-x"},
                    datetime(2024, 1, 1, 12, 30, 45, tzinfo=UTC),
                    (b"Return-Path: <carol@example.org>\r\nSubject: one\r\n\r\nFrom the body, quoted once\r\n"

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 from runbox_mta.smtp.headers import field_value, fields
 from runbox_mta.transfer.messages import SourceMessage, canonical, is_keyword, to_lf
@@ -56,17 +57,10 @@ def is_mbox(path: Path) -> bool:
 def read_mbox(path: Path) -> Iterator[SourceMessage]:
     fallback_date = datetime.fromtimestamp(int(path.stat().st_mtime), UTC)
     with open(path, "rb") as file:
-        from_line: bytes | None = None
-        lines: list[bytes] = []
-        for line in file:
-            if line.startswith(FROM_LINE) and (from_line is None or not lines or _is_empty(lines[-1])):
-                if from_line is not None and (message := _message(from_line, lines, fallback_date)) is not None:
-                    yield message
-                from_line, lines = line, []
-            elif from_line is not None:
-                lines.append(line)
-        if from_line is not None and (message := _message(from_line, lines, fallback_date)) is not None:
-            yield message
+        for from_line, lines in _entries(file):
+            message = _message(from_line, lines, fallback_date)
+            if message is not None:
+                yield message
 
 
 def mbox_entry(data: bytes, flags: frozenset[str], internal_date: datetime) -> bytes:
@@ -99,6 +93,22 @@ def envelope_sender(data: bytes) -> str:
 
 def _is_empty(line: bytes) -> bool:
     return line in (b"\n", b"\r\n")
+
+
+def _entries(file: BinaryIO) -> Iterator[tuple[bytes, list[bytes]]]:
+    """Each "From " line with the lines up to the next one that starts an entry: at the start
+    of the file or after an empty line (so an mboxo body line "From ..." mid-paragraph stays)."""
+    from_line: bytes | None = None
+    lines: list[bytes] = []
+    for line in file:
+        if line.startswith(FROM_LINE) and (from_line is None or not lines or _is_empty(lines[-1])):
+            if from_line is not None:
+                yield from_line, lines
+            from_line, lines = line, []
+        elif from_line is not None:
+            lines.append(line)
+    if from_line is not None:
+        yield from_line, lines
 
 
 def _message(from_line: bytes, lines: list[bytes], fallback_date: datetime) -> SourceMessage | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-# IMAP atom characters (RFC 9051 §9 atom-char): what a keyword may be made of.
+# IMAP atom characters (RFC 9051 §9 atom-char, ASCII only): what a keyword may be made of.
 _KEYWORD = re.compile(r"[^\x00-\x20\x7f(){%*\"\\\]]+")
 
 
@@ -36,4 +36,4 @@ def to_lf(data: bytes) -> bytes:
 
 def is_keyword(word: str) -> bool:
     """Could this be an IMAP keyword? Sources carry labels that cannot (spaces, brackets)."""
-    return bool(_KEYWORD.fullmatch(word)) and not word.startswith("\\")
+    return word.isascii() and bool(_KEYWORD.fullmatch(word)) and not word.startswith("\\")
