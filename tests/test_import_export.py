@@ -31,9 +31,9 @@ def at(offset: int) -> datetime:
     return datetime.fromtimestamp(T0 + offset, UTC)
 
 
-def message(subject: str, body: bytes = b"Hello.\n", **headers: str) -> bytes:
+def message(subject: str, body: bytes = b"Hello.\n") -> bytes:
     fields = {"From": "Carol <carol@example.org>", "To": ALICE, "Subject": subject,
-              "Message-ID": f"<{subject.replace(' ', '.')}@example.org>", **headers}
+              "Message-ID": f"<{subject.replace(' ', '.')}@example.org>"}
     return "".join(f"{name}: {value}\n" for name, value in fields.items()).encode() + b"\n" + body
 
 
@@ -182,6 +182,20 @@ def test_importing_the_same_source_twice_adds_nothing(cli, config_path, accounts
     # A duplicate has the same internal date, size and Message-ID: an edited message is new.
     write_file(maildir / "cur" / f"{T0 + 4}.M4P1.host,S=99:2,S", NO_FINAL_NEWLINE + b"!", T0 + 4)
     assert "INBOX: 1 imported, 3 already present" in ok(cli("import", ALICE, str(maildir))).splitlines()
+
+
+def test_dovecot_uidlist_order_wins_over_file_names(cli, config_path, accounts, tmp_path):
+    root = make_maildir(tmp_path / "Maildir")
+    # Moved in later from another folder: an old file name, but the newest UID.
+    write_file(root / "cur" / f"{T0 + 1}.old.host:2,S", message("moved in"), T0 + 1)
+    write_file(root / "cur" / f"{T0 + 2}.new.host:2,S", message("delivered"), T0 + 2)
+    write_file(root / "new" / f"{T0}.unlisted.host", message("not in the uidlist yet"), T0)
+    (root / "dovecot-uidlist").write_text(f"3 V{T0} N8 G0123\n5 :{T0 + 2}.new.host\n7 W1300 :{T0 + 1}.old.host\n")
+
+    ok(cli("import", ALICE, str(root)))
+
+    subjects = [data.split(b"Subject: ")[1].split(b"\r\n")[0] for *_, data in mailboxes(config_path, ALICE)["INBOX"]]
+    assert subjects == [b"delivered", b"moved in", b"not in the uidlist yet"]
 
 
 def test_messages_without_message_id_are_duplicates_only_when_their_bytes_are(cli, config_path, accounts,

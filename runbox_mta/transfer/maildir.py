@@ -10,8 +10,9 @@
   unseen mail; \\Recent is per session here, so nothing else to carry.
 - The internal date is the file's mtime, as Dovecot keeps it (copy maildirs
   with `cp -a` or `rsync -t` to preserve it).
-- Messages are taken in delivery order: by the timestamp that starts
-  Maildir file names, then by name.
+- Messages keep the order Dovecot's clients saw: by UID in the folder's
+  dovecot-uidlist, then (files it does not list, or no such file) by the
+  timestamp that starts Maildir file names, then by name.
 
 The stdlib `mailbox.Maildir` is not used: it lists messages in directory
 order, and its flag and folder handling is the few lines below anyway.
@@ -32,6 +33,7 @@ from runbox_mta.transfer.messages import SourceMessage, canonical, is_keyword
 FLAGS = {"D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered", "S": "\\Seen",
          "T": "\\Deleted"}
 KEYWORDS_FILE = "dovecot-keywords"
+UIDLIST_FILE = "dovecot-uidlist"
 INFO_SEPARATOR = ":2,"
 _LEADING_NUMBER = re.compile(r"\d+")
 
@@ -52,9 +54,10 @@ def maildir_folders(root: Path) -> list[tuple[tuple[str, ...], Path]]:
 
 def read_maildir(folder: Path) -> Iterator[SourceMessage]:
     keywords = read_keywords(folder / KEYWORDS_FILE)
+    uids = read_uidlist(folder / UIDLIST_FILE)
     entries = [entry for sub in ("cur", "new") for entry in os.scandir(folder / sub)
                if not entry.name.startswith(".") and entry.is_file()]
-    entries.sort(key=lambda entry: _delivery_order(entry.name))
+    entries.sort(key=lambda entry: _source_order(entry.name, uids))
     for entry in entries:
         _, separator, letters = entry.name.partition(INFO_SEPARATOR)
         when = datetime.fromtimestamp(int(entry.stat().st_mtime), UTC)
@@ -83,6 +86,21 @@ def read_keywords(path: Path) -> dict[str, str]:
     return keywords
 
 
+def read_uidlist(path: Path) -> dict[str, int]:
+    """Dovecot's dovecot-uidlist: a header line, then "UID [EXTENSIONS] :BASENAME" per message."""
+    try:
+        lines = path.read_text("utf-8", errors="replace").splitlines()[1:]
+    except FileNotFoundError:
+        return {}
+    uids = {}
+    for line in lines:
+        uid, _, rest = line.partition(" ")
+        _, colon, name = rest.partition(":")
+        if uid.isdigit() and colon:
+            uids[name.partition(INFO_SEPARATOR)[0]] = int(uid)
+    return uids
+
+
 def _folder_name(part: str) -> str:
     try:
         return utf7.decode(part)
@@ -90,6 +108,9 @@ def _folder_name(part: str) -> str:
         return part  # Dovecot with UTF-8 folder names, or a hand-made folder
 
 
-def _delivery_order(name: str) -> tuple[int, str]:
+def _source_order(name: str, uids: dict[str, int]) -> tuple[int, int, str]:
+    uid = uids.get(name.partition(INFO_SEPARATOR)[0])
+    if uid is not None:
+        return (0, uid, name)
     match = _LEADING_NUMBER.match(name)
-    return (int(match.group()) if match else 2**63, name)
+    return (1, int(match.group()) if match else 2**63, name)
