@@ -13,7 +13,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +30,18 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None,
-                  log: Path | None = None, greeting: bytes = b"220") -> None:
-    """Until something answers on 127.0.0.1:port with `greeting` (SMTP's by default)."""
+                  log: Path | None = None, greeting: bytes = b"220", tls: ssl.SSLContext | None = None) -> None:
+    """Until something answers on 127.0.0.1:port with `greeting` (SMTP's by default);
+    with `tls`, inside a TLS connection (implicit TLS ports say nothing before the handshake)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
             raise SystemExit(f"server exited with status {process.returncode} before answering on {port}\n{tail}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                sock.settimeout(5)
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                raw.settimeout(5)
+                sock = tls.wrap_socket(raw, server_hostname="localhost") if tls is not None else raw
                 if sock.recv(512).startswith(greeting):
                     return
         except OSError:
@@ -120,6 +122,68 @@ def server_cpu(work: Path) -> float:
     return total
 
 
+def process_tree(roots: list[int]) -> list[int]:
+    """The processes `roots` and all their descendants that are alive now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    pending = [pid for pid in roots if Path(f"/proc/{pid}").exists()]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(children.get(pid, ()))
+    return found
+
+
+def memory_kib(pids: list[int]) -> tuple[int, int]:
+    """(RSS, PSS) in KiB summed over `pids`, from /proc/PID/smaps_rollup. PSS charges each
+    shared page to its sharers in equal parts, so summing it over many processes that share
+    libraries and copy-on-write pages (Dovecot's one imap process per connection) counts
+    every page once; summed RSS counts shared pages once per process."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
+    return rss, pss
+
+
+def raise_nofile(want: int) -> int:
+    """Raise this process's RLIMIT_NOFILE (inherited by the servers it starts) to `want`,
+    as far as the kernel allows (root may raise the hard limit up to fs.nr_open); returns
+    the soft limit in force (which may be less than `want`)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return soft
+    if os.geteuid() == 0 and hard < want:
+        try:
+            ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            ceiling = hard
+        hard = max(hard, min(want, ceiling))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    except (ValueError, OSError):  # no CAP_SYS_RESOURCE (a container): up to the hard limit
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def percentile(values: list[float], fraction: float) -> float:
     if not values:
         return float("nan")
@@ -167,19 +231,25 @@ class Listener:
     protocol: str  # smtp | submission | imap | pop3
     tls: str  # none | starttls | implicit
     port: int
+    max_connections: int | None = None  # None: runbox-mta's default (1000)
 
 
 @contextmanager
 def runbox_instance(work: Path, *, hostname: str, domain: str, users: list[str], listeners: list[Listener],
-                    extra_config: str = "", greeting: bytes = b"220") -> Iterator[Path]:
+                    extra_config: str = "", greeting: bytes = b"220",
+                    prepare: Callable[[list[str]], None] | None = None) -> Iterator[Path]:
     """A runbox-mta daemon under WORK/runbox with its own config, certificate and SQLite
     database, driven only through its command line; yields the config path while it serves
-    (SIGTERM and a wait when the block ends). `extra_config` is TOML appended as it is."""
+    (SIGTERM and a wait when the block ends). `extra_config` is TOML appended as it is.
+    `prepare`, if given, runs after the users exist and before the daemon starts, with the
+    command prefix [runbox-mta, --config, PATH] (to import mail, say)."""
     base = work / "runbox"
     base.mkdir()
     config = base / "runbox-mta.toml"
     blocks = "".join(f'[[listeners]]\nprotocol = "{listener.protocol}"\nbind = "127.0.0.1"\n'
-                     f'port = {listener.port}\ntls = "{listener.tls}"\n' for listener in listeners)
+                     f'port = {listener.port}\ntls = "{listener.tls}"\n'
+                     + (f"max_connections = {listener.max_connections}\n" if listener.max_connections else "")
+                     for listener in listeners)
     config.write_text(f'''# runbox-mta benchmark configuration (temporary)
 hostname = "{hostname}"
 data_dir = "{base / 'var'}"
@@ -198,6 +268,8 @@ level = "info"
     run([RUNBOX, *conf, "domain", "add", domain])
     for user in users:
         run([RUNBOX, *conf, "user", "add", user, "--password-stdin"], input=f"{BENCH_PASSWORD}\n".encode())
+    if prepare is not None:
+        prepare([RUNBOX, *conf])
     log = base / "runbox-mta.log"
     with log.open("wb") as out:
         process = subprocess.Popen([RUNBOX, *conf, "serve"], stdout=out, stderr=subprocess.STDOUT,
@@ -205,7 +277,8 @@ level = "info"
     (work / "runbox.pid").write_text(str(process.pid))
     try:
         first = listeners[0]
-        wait_for_port(first.port, 60, process, log, b"* OK" if first.protocol == "imap" else greeting)
+        wait_for_port(first.port, 60, process, log, b"* OK" if first.protocol == "imap" else greeting,
+                      tls=client_tls() if first.tls == "implicit" else None)
         yield config
     finally:
         process.send_signal(signal.SIGTERM)
