@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import BigInteger, Row, Select, cast, delete, func, insert, or_, select, update
+from sqlalchemy import BigInteger, Row, Select, bindparam, cast, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
@@ -230,7 +230,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     async def get_domain(self, name: str) -> Domain:
         name = normalise_domain(name)
         async with connect(self._engine) as conn:
-            row = (await conn.execute(_select_all(m.Domain).where(m.Domain.name == name))).one_or_none()
+            row = (await conn.execute(_DOMAIN_BY_NAME, {"name": name})).one_or_none()
         if row is None:
             raise NotFound(_not_hosted(name))
         return _domain(row)
@@ -664,6 +664,10 @@ def _columns(model: type[m.Base]) -> list[Any]:
 def _select_all(model: type[m.Base]) -> Select[Any]:
     """Every column by name: rows then read like the model (row.address)."""
     return select(*_columns(model))
+
+
+# Built once: submission looks up the signing domain for every message.
+_DOMAIN_BY_NAME = _select_all(m.Domain).where(m.Domain.name == bindparam("name"))
 
 
 async def _domain_id(conn: AsyncConnection, name: str) -> int | None:
