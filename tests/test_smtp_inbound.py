@@ -82,6 +82,29 @@ async def test_recipients_are_checked_at_rcpt(mail: Daemon) -> None:
     ])
 
 
+async def test_bare_postmaster_is_postmaster_of_the_domain_this_host_serves(mail: Daemon) -> None:
+    """RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" without a domain MUST be accepted; here it is
+    postmaster@mail.example.test or, as that domain is not hosted, postmaster@example.test."""
+    assert mail.services is not None
+    client = await greeted(mail)
+    await client.ehlo()
+    await client.transcript([
+        ("MAIL FROM:<sender@example.net>", codes.SENDER_OK),
+        ("RCPT TO:<Postmaster>", codes.UNKNOWN_USER),  # nobody receives it yet: the operator's to fix
+    ])
+    await mail.services.store.add_alias("postmaster@example.test", ALICE)
+    await client.transcript([
+        ("RCPT TO:<Postmaster>", codes.RECIPIENT_OK),
+        ("RCPT TO:<POSTMASTER>", codes.RECIPIENT_OK),
+        ("RCPT TO:<postmaster-not>", codes.BAD_RECIPIENT),
+        ("DATA", codes.START_DATA),
+    ])
+    client.send("Subject: to the postmaster\r\n\r\nHello.\r\n.\r\n")
+    assert (await client.reply()).startswith("250 ")
+    (stored,) = await messages_in(mail.services.store, ALICE)
+    assert stored.endswith(b"Subject: to the postmaster\r\n\r\nHello.\r\n")
+
+
 async def test_smtputf8_addresses_need_the_smtputf8_parameter(mail: Daemon) -> None:
     assert mail.services is not None
     await mail.services.store.add_account("jøran@example.test", "unused-hash")

@@ -13,7 +13,7 @@ from runbox_mta.smtp import codes, headers
 from runbox_mta.smtp.address import declared_size, normalised, usable
 from runbox_mta.smtp.delivery import plan
 from runbox_mta.smtp.policy import (
-    DmarcAction, auth_refusal, content_refusal, dmarc_action, recipient_refusal, recipient_syntax_refusal,
+    DmarcAction, auth_refusal, content_refusal, dmarc_action, postmaster_candidates, recipient_refusal, recipient_syntax_refusal,
     sender_refusal,
 )
 from runbox_mta.store import LocalRecipient, Resolution
@@ -88,6 +88,17 @@ def test_recipient_syntax_refusal(address: str, smtputf8: bool, accepted: int, e
 ])
 def test_recipient_refusal(resolution: Resolution, may_relay: bool, size: int, expected: str | None) -> None:
     assert recipient_refusal(resolution, may_relay=may_relay, declared_size=size) == expected
+
+
+@pytest.mark.parametrize(("address", "hostname", "candidates"), [
+    ("Postmaster", "mail.example.test", ("postmaster@mail.example.test", "postmaster@example.test")),
+    ("POSTMASTER", "example.test", ("postmaster@example.test",)),
+    ("postmaster", "localhost", ("postmaster@localhost",)),
+    ("postmaster@example.test", "mail.example.test", ()),
+    ("alice", "mail.example.test", ()),
+])
+def test_postmaster_candidates(address: str, hostname: str, candidates: tuple[str, ...]) -> None:
+    assert postmaster_candidates(address, hostname) == candidates
 
 
 @pytest.mark.parametrize(("data", "refused"), [

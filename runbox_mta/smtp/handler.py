@@ -19,7 +19,9 @@ from runbox_mta.net.listener import CLIENT_GONE
 from runbox_mta.smtp import codes
 from runbox_mta.smtp.address import declared_size
 from runbox_mta.smtp.delivery import STORAGE_ERRORS, Delivery, deliver
-from runbox_mta.smtp.policy import content_refusal, recipient_refusal, recipient_syntax_refusal, sender_refusal
+from runbox_mta.smtp.policy import (
+    content_refusal, postmaster_candidates, recipient_refusal, recipient_syntax_refusal, sender_refusal,
+)
 from runbox_mta.smtp.session import MailEnvelope, SmtpSession
 
 if TYPE_CHECKING:
@@ -61,6 +63,11 @@ class MailHandler(abc.ABC):
 
     async def handle_RCPT(self, server: SmtpSession, session: Session, envelope: MailEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
+        try:
+            address = await self.postmaster(address)
+        except STORAGE_ERRORS as error:
+            log.error("recipient lookup failed: %s", error)
+            return codes.STORAGE_FAILURE
         refusal = recipient_syntax_refusal(address, smtputf8=envelope.smtp_utf8, accepted=len(envelope.rcpt_tos),
                                            limit=self.services.config.limits.recipients_per_message)
         if refusal:
@@ -78,6 +85,19 @@ class MailHandler(abc.ABC):
         envelope.rcpt_options.extend(rcpt_options)
         envelope.resolutions.append(resolution)
         return codes.RECIPIENT_OK
+
+    async def postmaster(self, address: str) -> str:
+        """The address a bare "Postmaster" stands for: the first candidate someone receives, else
+        the first at a hosted domain (refused there as unknown, not as relaying)."""
+        candidates = postmaster_candidates(address, self.hostname)
+        hosted = []
+        for candidate in candidates:
+            resolution = await self.store.resolve_recipient(candidate)
+            if resolution.hosted and not resolution.unknown:
+                return candidate
+            if resolution.hosted:
+                hosted.append(candidate)
+        return (hosted or [*candidates, address])[0]
 
     async def handle_DATA(self, server: SmtpSession, session: Session, envelope: MailEnvelope) -> str:
         data = envelope.original_content or b""

@@ -64,6 +64,16 @@ def sender_refusal(address: str, *, smtputf8: bool, owned: frozenset[str] | None
     return None if without_tag(normal) in owned or normal in owned else codes.SENDER_NOT_OWNED
 
 
+def postmaster_candidates(address: str, hostname: str) -> tuple[str, ...]:
+    """RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" (any case, no domain) MUST be accepted. It means
+    postmaster at this host, or at the domain the host serves (Postfix appends $myorigin):
+    the addresses to try, in order; () for any other address."""
+    if address.lower() != "postmaster":
+        return ()
+    parent = hostname.partition(".")[2]
+    return (f"postmaster@{hostname}",) + ((f"postmaster@{parent}",) if "." in parent else ())
+
+
 def recipient_syntax_refusal(address: str, *, smtputf8: bool, accepted: int, limit: int) -> str | None:
     """RCPT TO, before any lookup."""
     if accepted >= limit:
