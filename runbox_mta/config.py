@@ -108,6 +108,10 @@ class OutboundConfig:
     retry_max: float = 3600.0
     max_per_destination: int = 4  # parallel connections to one recipient domain
     poll_interval: float = 1.0  # how often to look for due mail (other daemons enqueue too)
+    mta_sts_port: int = 443  # HTTPS port of mta-sts.DOMAIN policy hosts (RFC 8461 §3.3; tests change it)
+    # CA certificates (PEM) trusted beside the system's wherever outbound TLS is
+    # authenticated by PKIX: MTA-STS policy hosts and MX hosts, `verify` domains.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -273,7 +277,7 @@ def _build(path: Path, raw: dict) -> Config:
 
     limits = _build_limits(top.table("limits"))
     auth = _build_auth(top.table("auth"))
-    outbound = _build_outbound(top.table("outbound"))
+    outbound = _build_outbound(base, top.table("outbound"))
 
     log = top.table("log")
     level = log.take("level", str, "info").lower()
@@ -364,7 +368,7 @@ def _build_auth(table: _Table) -> AuthConfig:
     return AuthConfig(**values)
 
 
-def _build_outbound(table: _Table) -> OutboundConfig:
+def _build_outbound(base: Path, table: _Table) -> OutboundConfig:
     routes_table = table.table("routes")
     routes = {}
     for domain in routes_table.keys():
@@ -375,6 +379,10 @@ def _build_outbound(table: _Table) -> OutboundConfig:
     port = table.take("port", int, 25)
     if not 0 < port < 65536:
         raise ConfigError(f"{table.name('port')}: expected 1-65535, got {port}")
+    mta_sts_port = table.take("mta_sts_port", int, 443)
+    if not 0 < mta_sts_port < 65536:
+        raise ConfigError(f"{table.name('mta_sts_port')}: expected 1-65535, got {mta_sts_port}")
+    ca_file = table.take("ca_file", str, "")
     nameservers = table.take("nameservers", list, [])
     for i, server in enumerate(nameservers):
         if not isinstance(server, str):
@@ -398,4 +406,5 @@ def _build_outbound(table: _Table) -> OutboundConfig:
     table.finish()
     return OutboundConfig(routes=MappingProxyType(routes), port=port, nameservers=tuple(nameservers),
                           tls_policy=MappingProxyType(tls_policy), enabled=enabled,
-                          max_per_destination=max_per_destination, **durations)
+                          max_per_destination=max_per_destination, mta_sts_port=mta_sts_port,
+                          ca_file=_path(base, ca_file) if ca_file else None, **durations)

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from runbox_mta.queue.attempt import Attempt, Outbound, Pending
+from runbox_mta.queue.attempt import Attempt, Outbound, Pending, authenticating_context
 from runbox_mta.queue.bounces import send_reports
+from runbox_mta.queue.mta_sts import MtaSts
 from runbox_mta.queue.scheduler import Result, State, expired, retry_delay, status_after, wants_delay_warning
 from runbox_mta.store import Store
 from runbox_mta.store.queue import ClaimedMessage, Deferral
@@ -65,7 +66,10 @@ async def _run(attempt: Attempt) -> None:
 
 async def run_queue(services: Services) -> None:
     """The daemon's background service (app.Daemon runs it beside the listeners)."""
-    outbound = Outbound(services.config.hostname, services.config.outbound, services.resolver, services.tls)
+    config = services.config.outbound
+    authenticated = authenticating_context(services.tls, config.ca_file)
+    outbound = Outbound(services.config.hostname, config, services.resolver, services.tls, authenticated,
+                        MtaSts(services.resolver, config.mta_sts_port, authenticated))
     await QueueWorker(services.store, outbound).run()
 
 
