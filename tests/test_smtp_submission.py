@@ -89,6 +89,11 @@ async def test_everything_needs_auth_after_tls(mail: Daemon, tls: ssl.SSLContext
     [("AUTH LOGIN", f"334 {LOGIN_USERNAME_CHALLENGE}"), ("*", codes.AUTH_CANCELLED)],
     [("AUTH PLAIN", "334 "), ("=", codes.AUTH_BAD_RESPONSE)],
     [("AUTH PLAIN", "334 "), ("x" * 2000, codes.AUTH_BAD_RESPONSE)],
+    # RFC 4954 §4: lines up to 12288 octets are read whole, longer ones refused, the session goes on.
+    [(f"AUTH PLAIN {plain(password='p' * 9000)}", codes.AUTH_INVALID)],
+    [("AUTH PLAIN", "334 "), (plain(password="p" * 9100), codes.AUTH_INVALID)],
+    [("AUTH PLAIN", "334 "), ("x" * 13000, codes.AUTH_BAD_RESPONSE)],
+    [(f"AUTH PLAIN {'x' * 13000}", codes.COMMAND_TOO_LONG)],
 ])
 async def test_auth_exchanges(mail: Daemon, tls: ssl.SSLContext, exchange: list[tuple[str, str]]) -> None:
     client = await secured(mail, tls)

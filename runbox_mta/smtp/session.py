@@ -52,6 +52,8 @@ from runbox_mta.store.recipients import Resolution
 # (SIZE=) and RFC 6531 §3.4 (SMTPUTF8) let MAIL FROM grow by 26 and 10.
 COMMAND_LINE_LIMIT = 512
 MAIL_LINE_LIMIT = COMMAND_LINE_LIMIT + 26 + 10
+# RFC 4954 §4: an AUTH command line or SASL response of up to 12288 octets (CRLF included).
+AUTH_LINE_LIMIT = 12288
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # MAIL/RCPT paths already parsed, shared by all sessions; emptied when full.
 _PARSED_PATHS: dict[tuple[str, int], tuple[str | None, str | None]] = {}
@@ -95,20 +97,23 @@ class SmtpSession(SMTP):
     """One connection's protocol object; aiosmtpd calls the handler's hooks with it as `server`."""
 
     def __init__(self, handler: object, settings: SessionSettings, client_ip: str) -> None:
-        # Before super().__init__, which sizes its StreamReader with it: RFC 5321
-        # §4.5.3.1.6 text line (CRLF included) plus a transparency dot.
-        self.line_length_limit = settings.limits.smtp_line_length + 1
+        # super().__init__ sizes its StreamReader with this: the longest line any
+        # state reads, an AUTH line or SASL response (RFC 4954 §4).
+        self.line_length_limit = AUTH_LINE_LIMIT
         super().__init__(
             handler, data_size_limit=settings.limits.message_size, enable_SMTPUTF8=True, decode_data=False,
             hostname=settings.hostname, ident="ESMTP", tls_context=settings.starttls,
             require_starttls=settings.require_tls, timeout=settings.limits.smtp_idle_timeout,
             auth_required=settings.submission, loop=asyncio.get_running_loop(),
         )
+        # What DATA lines are held to: RFC 5321 §4.5.3.1.6 text line (CRLF
+        # included) plus a transparency dot. Command lines have their own limits.
+        self.line_length_limit = settings.limits.smtp_line_length + 1
         self.settings = settings
         self.client_ip = client_ip
         # An instance table: aiosmtpd's is shared by all sessions and grows with each EHLO.
         self.command_size_limits = defaultdict(lambda: COMMAND_LINE_LIMIT, {
-            "MAIL": MAIL_LINE_LIMIT, "AUTH": self.line_length_limit,
+            "MAIL": MAIL_LINE_LIMIT, "AUTH": AUTH_LINE_LIMIT,
         })
         self._smtp_methods = self._command_table(self._smtp_methods)
         self._greeted = False
