@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def issuing_ca() -> Authority:
 ], ids=["2 0 1 on the CA", "2 1 1 on the CA", "2 0 0 on the CA"])
 async def test_a_dane_ta_record_on_the_issuing_ca_authenticates_the_mx(
         start_mta: Start, start_sink: SinkFactory, dns_server: DnsServer, tmp_path: Path,
-        issuing_ca: Authority, caplog: pytest.LogCaptureFixture, record) -> None:  # type: ignore[no-untyped-def]
+        issuing_ca: Authority, caplog: pytest.LogCaptureFixture, record: Callable[[Authority], str]) -> None:
     caplog.set_level(logging.INFO, "runbox_mta.queue")
     sink = await start_sink("starttls", issuing_ca.issue("mx.remote.test", tmp_path / "pki"))
     publish(dns_server, sink.port, record(issuing_ca))

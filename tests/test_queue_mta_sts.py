@@ -47,9 +47,10 @@ class PolicyHost:
                 name, _, value = line.partition(":")
                 host = value.strip() if name.lower() == "host" else host
             self.requests.append((request, host))
-            framing = "Transfer-Encoding: chunked" if self.chunked else f"Content-Length: {len(self.body)}"
-            body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (self.body[:10], self.body[10:])) \
-                + b"0\r\n\r\n" if self.chunked else self.body
+            framing, body = f"Content-Length: {len(self.body)}", self.body
+            if self.chunked:  # two chunks and the last, empty one
+                framing = "Transfer-Encoding: chunked"
+                body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:], b""))
             writer.write(f"HTTP/1.1 {self.status} Whatever\r\nContent-Type: text/plain\r\n{framing}\r\n"
                          f"{self.headers}Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
@@ -146,23 +147,25 @@ async def test_enforce_keeps_mail_queued_rather_than_unauthenticated(
     assert not sink.messages
 
 
-@pytest.mark.parametrize("mx, why", [
-    ("mx.remote.test", "MTA-STS testing failed: TLS is required but the handshake failed: certificate not verified"),
-    ("mx.other.test", "MTA-STS testing failed: the MX host is not listed in the MTA-STS policy"),
+@pytest.mark.parametrize("mx, trusted, outcome", [
+    ("mx.remote.test", True, " verified by MTA-STS (testing)"),
+    ("mx.remote.test", False, "MTA-STS testing failed: TLS is required but the handshake failed: certificate not verified"),
+    ("mx.other.test", True, "MTA-STS testing failed: the MX host is not listed in the MTA-STS policy"),
 ])
 async def test_testing_delivers_and_records_what_enforce_would_refuse(
         start_mta: Start, start_sink: SinkFactory, dns_server: DnsServer, policy_host: PolicyHost,
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, mx: str, why: str) -> None:
+        root: Authority, tmp_path: Path, caplog: pytest.LogCaptureFixture, mx: str, trusted: bool,
+        outcome: str) -> None:
     caplog.set_level(logging.INFO, "runbox_mta.queue")
     policy_host.body = ENFORCE.replace("enforce", "testing").encode()
-    sink = await start_sink("starttls")  # self-signed
+    sink = await start_sink("starttls", root.issue(mx, tmp_path / "pki") if trusted else None)  # else self-signed
     publish_mx(dns_server, mx)
     store = store_of(await start_mta(outbound(sink.port, policy_host, tmp_path)))
     await store.enqueue(ALICE, ["bob@remote.test"], MESSAGE)
     (received,) = await sink.wait_for(1)
     assert received.tls  # opportunistic TLS all the same, not plaintext
     await queue_empty(store)
-    assert why in delivered_over(caplog)
+    assert outcome in delivered_over(caplog)
 
 
 async def test_a_cached_policy_keeps_enforcing_when_its_refresh_fails(
