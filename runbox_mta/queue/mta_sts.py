@@ -185,7 +185,7 @@ async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host_
             return await _chunked(reader)
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit() or int(length) > MAX_POLICY_SIZE:
+            if int(length) > MAX_POLICY_SIZE:  # int() refuses junk: ValueError, below
                 raise MtaStsError("policy too large")
             return await reader.readexactly(int(length))
         body = b""  # delimited by the end of the connection
