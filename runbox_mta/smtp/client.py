@@ -88,7 +88,7 @@ class PeerVerdict:
 @dataclass(frozen=True)
 class TlsPolicy:
     """How to use STARTTLS: when `required`, no plaintext fallback, and the server is
-    authenticated by `context` (it verifies) and/or `peer_check` (e.g. DANE) on its certificate."""
+    authenticated by `context` (it verifies) and/or `peer_check` (e.g. DANE) on its certificate chain."""
 
     context: ssl.SSLContext
     required: bool = False
