@@ -20,7 +20,8 @@ pytestmark = pytest.mark.timeout(30)
 
 
 class EchoProtocol:
-    """Greets, echoes, upgrades on STARTTLS, crashes on CRASH, says bye when cancelled."""
+    """Greets, echoes, upgrades on STARTTLS, crashes on CRASH, works a while on SLOW, says bye
+    when cancelled."""
 
     async def start(self, listener, services):
         async def handle(conn):
@@ -40,6 +41,10 @@ class EchoProtocol:
                         continue
                     if data.startswith(b"CRASH"):
                         raise RuntimeError("deliberate bug")
+                    if data.startswith(b"SLOW"):
+                        await asyncio.sleep(0.5)
+                        conn.writer.write(b"slow done\r\n")
+                        continue
                     conn.writer.write(data)
             except asyncio.CancelledError:
                 conn.writer.write(b"bye: shutting down\r\n")
@@ -155,6 +160,20 @@ async def test_starttls_discards_plaintext_pipelined_after_the_command(start_dae
     await writer.start_tls(client_tls(tmp_path), server_hostname="localhost")
     writer.write(b"after\r\n")
     assert await reader.readline() == b"after\r\n"
+
+
+async def test_a_drain_ends_idle_connections_at_once_and_busy_ones_after_their_command(start_daemon):
+    daemon = await start_daemon(listener())
+    idle_reader, _ = await connect(daemon)
+    busy_reader, busy_writer = await connect(daemon)
+    assert await idle_reader.readline() == await busy_reader.readline() == b"hello\r\n"
+    busy_writer.write(b"SLOW\r\n")
+    await asyncio.sleep(0.1)
+    stopping = asyncio.create_task(daemon.stop(grace=60))
+    assert await idle_reader.readline() == b"bye: shutting down\r\n"
+    assert await busy_reader.readline() == b"slow done\r\n"  # the command in progress finished
+    assert await busy_reader.readline() == b"bye: shutting down\r\n"
+    await asyncio.wait_for(stopping, 10)  # long before the grace period's end
 
 
 async def test_a_crashing_handler_is_counted_and_the_daemon_keeps_serving(start_daemon):

@@ -386,3 +386,23 @@ async def test_shutdown_says_421_to_open_sessions(mail: Daemon) -> None:
     await mail.stop(grace=0.1)
     assert await client.reply() == codes.SHUTTING_DOWN
     assert await client.rest() == b""
+
+
+async def test_a_drain_ends_idle_sessions_at_once_and_lets_a_message_being_sent_finish(mail: Daemon) -> None:
+    idle = await greeted(mail)
+    await idle.ehlo()
+    busy = await greeted(mail)
+    await busy.ehlo()
+    await busy.transcript([
+        ("MAIL FROM:<sender@example.net>", codes.SENDER_OK),
+        ("RCPT TO:<alice@example.test>", codes.RECIPIENT_OK),
+        ("DATA", codes.START_DATA),
+    ])
+    busy.send(MESSAGE.decode())
+    stopping = asyncio.create_task(mail.stop(grace=60))
+    assert await idle.reply() == codes.SHUTTING_DOWN  # now, not after the grace period
+    assert await idle.rest() == b""
+    busy.send(".\r\n")
+    assert (await busy.reply()).startswith("250 ")  # stored and acknowledged, then goodbye
+    assert await busy.reply() == codes.SHUTTING_DOWN
+    await asyncio.wait_for(stopping, 10)

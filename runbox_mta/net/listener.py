@@ -7,7 +7,9 @@ Invariants:
   and its client address (IPv6 by /64) is under `connections_per_address`;
   otherwise it gets the protocol's one-line "too busy" reply and is closed.
 - Every admitted connection is tracked until it ends, so SIGTERM can drain:
-  stop accepting, let connections finish within a grace period, then cancel.
+  stop accepting; end at once every connection waiting for its client's next
+  command, and every other one as soon as its command in progress is done
+  (a DATA being stored, an APPEND); cancel what is left after a grace period.
 - An exception escaping a connection handler is a bug: it is logged (without
   the client address) and counted, so tests fail on hidden crashes.
 """
@@ -18,7 +20,10 @@ import asyncio
 import logging
 import socket
 import ssl
+import weakref
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
@@ -36,6 +41,11 @@ log = logging.getLogger("runbox_mta.net")
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # Exceptions that mean the client went away or broke TLS: nothing to answer, not a bug.
 CLIENT_GONE = (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError)
+
+# Stream connections' tasks now waiting in read_some for their client (idle
+# between commands), and those a draining daemon ends at their next such wait.
+_awaiting_input: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+_stop_at_next_read: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
 class ProtocolSpec(Protocol):
@@ -87,6 +97,7 @@ class ConnectionTracker:
         self._per_address: Counter[str] = Counter()
         self._per_listener: Counter[int] = Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stoppers: dict[asyncio.Task[Any], Callable[[], None]] = {}
         self.crashes = 0
 
     def admit(self, listener: ListenerConfig, ip: str) -> bool:
@@ -106,16 +117,30 @@ class ConnectionTracker:
         if self._per_address[key] <= 0:
             del self._per_address[key]
 
-    def track(self, task: asyncio.Task[Any]) -> None:
+    def track(self, task: asyncio.Task[Any], stop_when_idle: Callable[[], None] | None = None) -> None:
+        """Track a connection's task; `stop_when_idle` ends it at drain (default: the next
+        read_some of a stream connection's task ends it)."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if stop_when_idle is not None:
+            self._stoppers[task] = stop_when_idle
+            task.add_done_callback(self._stoppers.pop)
 
     @property
     def live(self) -> int:
         return len(self._tasks)
 
     async def drain(self, grace: float) -> None:
-        """Wait up to `grace` seconds for connections to end, then cancel the rest."""
+        """End idle connections now and busy ones after their command in progress; after
+        `grace` seconds cancel the rest."""
+        for task in list(self._tasks):
+            stopper = self._stoppers.get(task)
+            if stopper is not None:
+                stopper()
+            elif task in _awaiting_input:
+                task.cancel()  # handlers answer a cancel with their shutdown reply
+            else:
+                _stop_at_next_read.add(task)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
         leftovers = set(self._tasks)
@@ -156,10 +181,29 @@ class IdleTimeout(Exception):
 
 async def read_some(reader: asyncio.StreamReader, timeout: float, limit: int = 65536) -> bytes:
     """Read what has arrived (b'' at EOF), raising IdleTimeout after `timeout` of silence."""
+    async with waiting_for_client():
+        try:
+            return await asyncio.wait_for(reader.read(limit), timeout)
+        except asyncio.TimeoutError:
+            raise IdleTimeout from None
+
+
+@asynccontextmanager
+async def waiting_for_client() -> AsyncIterator[None]:
+    """Around a stream connection's wait for its client (between commands, or in IMAP IDLE):
+    a draining daemon cancels the task here, and the handler answers with its shutdown
+    reply, rather than in the middle of a command; one that began draining meanwhile
+    ends the task on entry."""
+    task = asyncio.current_task()
+    assert task is not None
+    if task in _stop_at_next_read:
+        task.cancel()
+        await asyncio.sleep(0)  # raises CancelledError here
+    _awaiting_input.add(task)
     try:
-        return await asyncio.wait_for(reader.read(limit), timeout)
-    except asyncio.TimeoutError:
-        raise IdleTimeout from None
+        yield
+    finally:
+        _awaiting_input.discard(task)
 
 
 ConnectionHandler = Callable[[Connection], Awaitable[None]]
@@ -215,6 +259,10 @@ class SessionProtocol(Protocol):
 
     def shutdown(self) -> None:
         """The daemon is stopping: send the protocol's goodbye reply and close (no awaiting)."""
+
+    def stop_when_idle(self) -> None:
+        """The daemon is draining: `shutdown` now if between commands, else once the command in
+        progress is answered."""
 
 
 SessionFactory = Callable[[str], SessionProtocol]  # client IP -> the connection's protocol
@@ -272,7 +320,8 @@ class _Gate(asyncio.Protocol):
             transport.abort()
             return
         task.add_done_callback(self._account)
-        self._tracker.track(asyncio.get_running_loop().create_task(self._supervise(session, task, ip)))
+        self._tracker.track(asyncio.get_running_loop().create_task(self._supervise(session, task, ip)),
+                            session.stop_when_idle)
 
     async def _supervise(self, session: SessionProtocol, task: asyncio.Task[Any], ip: str) -> None:
         """Tracked in the session's place: on drain, `shutdown` says goodbye before the session is cancelled."""

@@ -37,14 +37,24 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
 from runbox_mta.auth.sasl import (
-    LOGIN_PASSWORD_CHALLENGE, LOGIN_USERNAME_CHALLENGE, Credentials, SaslCancelled, SaslError,
-    decode_login_password, decode_login_username, decode_plain,
+    LOGIN_PASSWORD_CHALLENGE,
+    LOGIN_USERNAME_CHALLENGE,
+    Credentials,
+    SaslCancelled,
+    SaslError,
+    decode_login_password,
+    decode_login_username,
+    decode_plain,
 )
 from runbox_mta.auth.service import AuthFailure, AuthResult
 from runbox_mta.config import LimitsConfig
 from runbox_mta.smtp import codes
 from runbox_mta.smtp.policy import (
-    AUTH_MECHANISMS, HARD_ERROR_LIMIT, JUNK_COMMAND_LIMIT, JUNK_COMMANDS, auth_refusal,
+    AUTH_MECHANISMS,
+    HARD_ERROR_LIMIT,
+    JUNK_COMMAND_LIMIT,
+    JUNK_COMMANDS,
+    auth_refusal,
 )
 from runbox_mta.store.recipients import Resolution
 
@@ -119,6 +129,8 @@ class SmtpSession(SMTP):
         self._greeted = False
         self._errors = 0
         self._junk = 0
+        self._busy = False  # in DATA or AUTH: a drain waits for the reply
+        self._stop_when_done = False
 
     # --- what serve_protocol needs (net.listener.SessionProtocol) ------------------------------
 
@@ -128,6 +140,29 @@ class SmtpSession(SMTP):
 
     def shutdown(self) -> None:
         self._say_and_close(codes.SHUTTING_DOWN)
+
+    def stop_when_idle(self) -> None:
+        # Only DATA and AUTH hold work that must not be cut off (a commit whose
+        # 250 would be lost, so the client sends the message again; an Argon2
+        # check); anywhere else the client has nothing acknowledged to lose.
+        if self._busy:
+            self._stop_when_done = True
+        else:
+            self.shutdown()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        await self._unless_stopped(super().smtp_DATA(arg))
+
+    async def _unless_stopped(self, command: Awaitable[None]) -> None:
+        """Run a command that must not be cut off by a drain; end the session after it if one began."""
+        self._busy = True
+        try:
+            await command
+        finally:
+            self._busy = False
+            if self._stop_when_done:
+                self.shutdown()
 
     # --- state for the handlers ------------------------------------------------------------
 
@@ -262,6 +297,9 @@ class SmtpSession(SMTP):
 
     @syntax("AUTH mechanism [initial-response]")
     async def smtp_AUTH(self, arg: str | None) -> None:
+        await self._unless_stopped(self._auth(arg))
+
+    async def _auth(self, arg: str | None) -> None:
         assert self.session is not None and self.envelope is not None
         refusal = auth_refusal(
             offered=self.settings.submission, tls=self.tls_active, extended=self.session.extended_smtp,
