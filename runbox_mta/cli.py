@@ -411,13 +411,16 @@ async def app_password_revoke(store: "Store", args: argparse.Namespace, config: 
 
 
 async def queue_list(store: "Store", args: argparse.Namespace, config: Config) -> None:
+    from datetime import UTC, datetime
+
     entries = await store.list_queue()
     for entry in entries:
         print(f"{entry.id}\t{entry.size} bytes\tqueued {entry.created_at:%Y-%m-%d %H:%M:%S}Z\t<{entry.sender}>")
         for r in entry.recipients:
             print(f"  {r.recipient}\t{r.status}\tattempts {r.attempts}\t"
                   f"next {r.next_attempt_at:%Y-%m-%d %H:%M:%S}Z\t{r.last_error or '-'}\t{r.tls_outcome or '-'}")
-    print(f"{len(entries)} queued message{'s' if len(entries) != 1 else ''}")
+    now = datetime.now(UTC)
+    print((await store.queue_summary(now)).describe(now))
 
 
 async def queue_flush(store: "Store", args: argparse.Namespace, config: Config) -> None:

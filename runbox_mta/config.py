@@ -108,6 +108,7 @@ class OutboundConfig:
     retry_max: float = 3600.0
     max_per_destination: int = 4  # parallel connections to one recipient domain
     poll_interval: float = 1.0  # how often to look for due mail (other daemons enqueue too)
+    status_interval: float = 300.0  # how often the worker logs the queue's state (counts only) while it holds mail
     mta_sts_port: int = 443  # HTTPS port of mta-sts.DOMAIN policy hosts (RFC 8461 §3.3; tests change it)
     # CA certificates (PEM) trusted beside the system's wherever outbound TLS is
     # authenticated by PKIX: MTA-STS policy hosts and MX hosts, `verify` domains.
@@ -396,7 +397,8 @@ def _build_outbound(base: Path, table: _Table) -> OutboundConfig:
         tls_policy[_hostname(domain, policy_table.name(domain))] = policy
     defaults = OutboundConfig()
     durations = {name: parse_duration(table.take(name, (str, int, float), getattr(defaults, name)), table.name(name))
-                 for name in ("max_queue_lifetime", "delay_warning", "retry_base", "retry_max", "poll_interval")}
+                 for name in ("max_queue_lifetime", "delay_warning", "retry_base", "retry_max", "poll_interval",
+                              "status_interval")}
     if durations["retry_max"] < durations["retry_base"]:
         raise ConfigError(f"{table.name('retry_max')}: must not be less than retry_base")
     max_per_destination = table.take("max_per_destination", int, defaults.max_per_destination)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
@@ -19,9 +20,9 @@ import pytest
 
 from runbox_mta.app import Daemon
 from runbox_mta.config import load_config
+from runbox_mta.queue.worker import LEASE_SECONDS, utcnow
 from runbox_mta.store import QueueEntry, Store, open_store
 from runbox_mta.store.queue import DELAYED
-from runbox_mta.queue.worker import LEASE_SECONDS, utcnow
 from tests.daemon_config import write_daemon_config
 from tests.dns_server import DnsServer, dns_server  # noqa: F401  (fixture)
 from tests.outbound_peers import Sink, SinkFactory, start_sink  # noqa: F401  (fixture)
@@ -159,6 +160,21 @@ async def test_a_451_is_retried_with_the_attempt_and_tls_outcome_recorded(start_
     (received,) = await sink.wait_for(1)
     assert received.recipients == ("bob@remote.test",)
     await queue_empty(store)
+
+
+async def test_the_log_shows_the_queue_in_numbers_and_no_address(start_mta: Start, start_sink: SinkFactory,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    sink = await start_sink("flaky")
+    schedule = "poll_interval = 0.05\nretry_base = 30\nretry_max = 30\nstatus_interval = 0.1\n"
+    store = store_of(await start_mta(routes(remote_test=sink.route), schedule=schedule))
+    caplog.set_level(logging.INFO, logger="runbox_mta")
+    await store.enqueue(ALICE, ["bob@remote.test"], MESSAGE)
+
+    async def reported() -> bool:
+        return "queue: 1 message, 1 recipient: 0 in delivery, 0 due, 1 deferred" in caplog.text
+
+    await wait_until(reported)
+    assert "bob@remote.test" not in caplog.text and "remote.test" not in caplog.text
 
 
 async def test_a_550_bounces_into_the_senders_inbox(start_mta: Start, start_sink: SinkFactory) -> None:

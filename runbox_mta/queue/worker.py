@@ -82,6 +82,8 @@ class QueueWorker:
         self._active: Counter[str] = Counter()  # open batches per destination domain
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
+        self._next_report = utcnow()
+        self._reported_mail = False
 
     async def run(self) -> None:
         """Deliver until cancelled; batches in flight are stopped and their known results kept."""
@@ -101,11 +103,24 @@ class QueueWorker:
 
     async def _dispatch_safely(self) -> float:
         try:
+            await self._report()
             await self._dispatch()
         except Exception:
             log.exception("queue: looking for due mail failed")
             return ERROR_PAUSE
         return self._outbound.config.poll_interval
+
+    async def _report(self) -> None:
+        """Every status_interval, the queue in numbers (never an address) while it holds mail, and
+        once when it has emptied: operators see a stuck queue in the log without `queue list`."""
+        now = utcnow()
+        if now < self._next_report:
+            return
+        self._next_report = now + timedelta(seconds=self._outbound.config.status_interval)
+        summary = await self._store.queue_summary(now)
+        if summary.recipients or self._reported_mail:
+            log.info("%s", summary.describe(now))
+        self._reported_mail = bool(summary.recipients)
 
     async def _dispatch(self) -> None:
         now = utcnow()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Row, delete, exists, func, or_, select, update
+from sqlalchemy import Row, and_, case, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runbox_mta.store import models as m
@@ -77,6 +77,37 @@ class Deferral:
     status: str = QUEUED
 
 
+@dataclass(frozen=True)
+class QueueSummary:
+    """The queue in numbers, for logs and `queue list`: no addresses, no domains."""
+
+    messages: int
+    recipients: int
+    in_delivery: int  # leased by a worker now
+    due: int  # waiting for a free connection
+    deferred: int  # waiting for their next attempt after a failure
+    delay_warned: int  # of all these, recipients whose sender has had a delay warning
+    oldest: datetime | None  # when the oldest queued message arrived
+
+    def describe(self, now: datetime) -> str:
+        if not self.recipients:
+            return "queue: empty"
+        age = _duration((now - self.oldest).total_seconds()) if self.oldest else "?"
+        return (f"queue: {_count(self.messages, 'message')}, {_count(self.recipients, 'recipient')}: "
+                f"{self.in_delivery} in delivery, "
+                f"{self.due} due, {self.deferred} deferred ({self.delay_warned} past the delay warning); "
+                f"oldest {age}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 1440}d {minutes // 60 % 24}h" if minutes >= 1440 else f"{minutes // 60}h {minutes % 60}m"
+
+
 class QueueStore:
     """The queue-worker part of `Store`."""
 
@@ -85,6 +116,24 @@ class QueueStore:
         _blobs: BlobStore
 
         async def _write(self, job: Job[T]) -> T: ...
+
+    async def queue_summary(self, now: datetime) -> QueueSummary:
+        recipient = m.QueueRecipient
+        leased = and_(recipient.lease_until.is_not(None), recipient.lease_until >= now)
+        due = and_(~leased, recipient.next_attempt_at <= now)
+
+        def count(condition: Any) -> Any:
+            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+        async with connect(self._engine) as conn:
+            row = (await conn.execute(select(
+                func.count(recipient.id), count(leased), count(due), count(recipient.status == DELAYED),
+            ).where(recipient.status.in_(WAITING)))).one()
+            messages, oldest = (await conn.execute(
+                select(func.count(m.QueueMessage.id), func.min(m.QueueMessage.created_at))
+            )).one()
+        total, in_delivery, due_now, warned = (int(value) for value in row)
+        return QueueSummary(messages, total, in_delivery, due_now, total - in_delivery - due_now, warned, oldest)
 
     async def due_destinations(self, now: datetime, limit: int = 100) -> list[str]:
         """Destination domains with recipients due and not leased, most overdue first."""
