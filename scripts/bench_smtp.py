@@ -18,192 +18,35 @@ concurrent sessions, each sending messages back to back over one connection
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_common import (POSTFIX_MASTER_CF, REPO, Listener, client_tls, cpu_times, free_port, percentile, run,
-                          runbox_instance, server_cpu, start_daemon, wait_for_port, warn_if_busy)
+from bench_common import (
+    POSTFIX_MASTER_CF,
+    REPO,
+    Listener,
+    free_port,
+    percentile,
+    run,
+    runbox_instance,
+    server_cpu,
+    start_daemon,
+    wait_for_port,
+    warn_if_busy,
+)
+from bench_load import Load, LoadResult, run_load
 
 DOMAIN = "bench.test"
 RECIPIENT = f"rcpt@{DOMAIN}"
 SENDER_DOMAIN = "sender.bench-example.net"
 SENDER = f"load@{SENDER_DOMAIN}"
 MAIL_UID = MAIL_GID = 65534  # Dovecot delivers as nobody:nogroup (a virtual-mail uid)
-READ_TIMEOUT = 120.0
-
-
-def message(index: int, size: int) -> bytes:
-    """A plain RFC 5322 message of exactly `size` octets (CRLF lines, no line starting with a dot)."""
-    head = (
-        f"From: Load Generator <{SENDER}>\r\n"
-        f"To: <{RECIPIENT}>\r\n"
-        f"Subject: benchmark message {index}\r\n"
-        f"Date: Mon, 23 Nov 2026 12:00:00 +0000\r\n"
-        f"Message-ID: <bench-{index}-{os.getpid()}@{SENDER_DOMAIN}>\r\n"
-        "MIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=us-ascii\r\n"
-        "\r\n"
-    ).encode()
-    line = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n"
-    body = bytearray()
-    remaining = size - len(head)
-    while remaining > len(line):
-        body += line
-        remaining -= len(line)
-    body += b"x" * max(remaining - 2, 0) + (b"\r\n" if remaining >= 2 else b"")
-    data = head + bytes(body)
-    return data[:size] if len(data) > size else data
-
-
-# --- the load generator -------------------------------------------------------------------
-
-
-@dataclass
-class LoadResult:
-    accepted: int = 0
-    rejected: int = 0
-    errors: list[str] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)  # MAIL sent -> 250 after the dot
-    started: float = 0.0  # first connect
-    finished: float = 0.0  # last 250
-    machine_busy: float = 0.0  # share of all CPUs busy (any process) during the run
-    client_cpu: float = 0.0  # CPU seconds the load generator itself used
-    server_cpu: float = 0.0  # CPU seconds the server processes used while it ran
-    server_cpu_start: float = 0.0
-
-    @property
-    def seconds(self) -> float:
-        return self.finished - self.started
-
-    @property
-    def rate(self) -> float:
-        return self.accepted / self.seconds if self.seconds > 0 else 0.0
-
-
-async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
-    lines = []
-    while True:
-        line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
-        if not line:
-            raise ConnectionError(f"connection closed after {lines!r}")
-        lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-        if line[3:4] != b"-":
-            return int(lines[0][:3]), "\n".join(lines)
-
-
-async def _session(port: int, bodies: list[bytes], counter: list[int], total: int,
-                   result: LoadResult, tls: ssl.SSLContext | None) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        code, text = await _reply(reader)
-        if code != 220:
-            raise ConnectionError(f"greeting: {text}")
-        writer.write(b"EHLO load.bench-example.net\r\n")
-        code, text = await _reply(reader)
-        if code != 250:
-            raise ConnectionError(f"EHLO: {text}")
-        if tls is not None:
-            writer.write(b"STARTTLS\r\n")
-            code, text = await _reply(reader)
-            if code != 220:
-                raise ConnectionError(f"STARTTLS: {text}")
-            await writer.start_tls(tls)
-            writer.write(b"EHLO load.bench-example.net\r\n")
-            code, text = await _reply(reader)
-            if code != 250:
-                raise ConnectionError(f"EHLO after STARTTLS: {text}")
-        pipelining = any(line[4:].upper().startswith("PIPELINING") for line in text.split("\n"))
-        envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
-        while counter[0] < total:
-            index = counter[0]
-            counter[0] += 1
-            started = time.monotonic()
-            if pipelining:
-                writer.write(envelope)
-                replies = [await _reply(reader) for _ in range(3)]
-            else:
-                replies = []
-                for command in envelope.split(b"\r\n")[:3]:
-                    writer.write(command + b"\r\n")
-                    replies.append(await _reply(reader))
-                    if replies[-1][0] >= 400:
-                        break
-            if [code for code, _ in replies] != [250, 250, 354]:
-                result.rejected += 1
-                result.errors.append(" | ".join(text for _, text in replies))
-                writer.write(b"RSET\r\n")
-                await _reply(reader)
-                if len(result.errors) > 20:
-                    raise ConnectionError("too many rejections: " + result.errors[-1])
-                continue
-            writer.write(bodies[index % len(bodies)] + b".\r\n")
-            code, text = await _reply(reader)
-            if code == 250:
-                result.accepted += 1
-                result.finished = time.monotonic()
-                result.latencies.append(result.finished - started)
-            else:
-                result.rejected += 1
-                result.errors.append(text)
-        writer.write(b"QUIT\r\n")
-        await _reply(reader)
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
-
-
-async def load(port: int, messages: int, sessions: int, size: int, starttls: bool) -> LoadResult:
-    # Distinct bodies (Message-ID, Subject) for every message would cost the client
-    # more CPU than some servers spend; 1000 distinct bodies, reused, are plenty.
-    bodies = [message(i, size) for i in range(min(messages, 1000))]
-    result = LoadResult()
-    counter = [0]
-    result.started = time.monotonic()
-    tls = client_tls() if starttls else None
-    # SIGTERM (scripts/bench stopping the run) must end the load at once, not after it.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        outcomes = await asyncio.gather(*(_session(port, bodies, counter, messages, result, tls)
-                                          for _ in range(sessions)), return_exceptions=True)
-    except asyncio.CancelledError:
-        raise SystemExit(128 + signal.SIGTERM) from None
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            result.errors.append(f"session failed: {outcome!r}")
-    return result
-
-
-def run_load(port: int, args: argparse.Namespace) -> LoadResult:
-    import uvloop
-
-    busy0, total0 = cpu_times()
-    usage0 = os.times()
-    server0 = server_cpu(args.work)
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        result = uvloop.run(load(port, args.messages, args.sessions, args.size, args.tls == "starttls"))
-    finally:
-        signal.signal(signal.SIGTERM, handler)  # the closed loop leaves its own handler behind
-    result.server_cpu = server_cpu(args.work) - server0
-    result.server_cpu_start = server0
-    usage1 = os.times()
-    busy1, total1 = cpu_times()
-    result.machine_busy = (busy1 - busy0) / max(total1 - total0, 1.0)
-    result.client_cpu = (usage1.user - usage0.user) + (usage1.system - usage0.system)
-    return result
 
 
 # --- a local DNS responder (stands in for the MX's warm caching resolver) ------------------
@@ -267,6 +110,10 @@ class ServerRun:
     notes: list[str] = field(default_factory=list)
 
 
+def smtp_load(port: int, args: argparse.Namespace) -> Load:
+    return Load(port, SENDER, RECIPIENT, args.messages, args.sessions, args.size, args.tls)
+
+
 def bench_runbox(args: argparse.Namespace, work: Path, dns_port: int) -> ServerRun:
     port = free_port()
     extra = (f"[limits]\nconnections_per_address = {args.sessions + 10}\n"
@@ -275,7 +122,7 @@ def bench_runbox(args: argparse.Namespace, work: Path, dns_port: int) -> ServerR
                          listeners=[Listener("smtp", args.tls, port)], extra_config=extra) as config:
         warn_if_busy("runbox-mta")
         print(f"  runbox-mta listening on 127.0.0.1:{port}; sending ...", flush=True)
-        result = run_load(port, args)
+        result = run_load(smtp_load(port, args), work)
     stored = count_runbox_inbox(config)
     server = ServerRun("runbox-mta", result, stored=stored,
                        stored_seconds=result.seconds if stored >= result.accepted else None)
@@ -429,7 +276,7 @@ def bench_postfix(args: argparse.Namespace, work: Path) -> ServerRun:
             warn_if_busy("postfix+dovecot")
             print(f"  postfix listening on 127.0.0.1:{port}, delivering over LMTP to dovecot; sending ...",
                   flush=True)
-            result = run_load(port, args)
+            result = run_load(smtp_load(port, args), work)
             # Accepted is over; now wait for the queue to drain into the mailbox.
             deadline = time.monotonic() + max(300.0, result.seconds * 10)
             stored = maildir_count(maildir)
