@@ -34,7 +34,7 @@ from runbox_mta.store.notify import ChangeRelay
 from runbox_mta.store.transfer import TransferStore
 from runbox_mta.store.writes import (
     SPECIAL_USES, Appended, insert_mailbox, insert_messages, insert_queue_entry, new_copy, next_modseq,
-    no_mailbox, parse_message,
+    no_mailbox, parse_message, queued_metadata,
 )
 from runbox_mta.store.recipients import Resolution, check_quota, resolve, sender_addresses
 from runbox_mta.store.names import (
@@ -575,10 +575,8 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         addresses = [normalise_address(recipient) for recipient in recipients]
         if not addresses:
             raise ValueError("enqueue() needs at least one recipient")
-        parsed = await parse_message(data)
-
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> int:
-            blob_id = await self._blobs.put(conn, data, parsed)
+            blob_id = await self._blobs.put(conn, data, queued_metadata(data))
             return await insert_queue_entry(conn, blob_id, sender, addresses)
 
         return await self._write(job)
@@ -633,7 +631,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
             raise ValueError("accept_message() needs a mailbox or a remote recipient")
         copy = new_copy(local_data, (), None)
         local_parsed = await parse_message(local_data) if mailbox_ids else None
-        remote_parsed = await parse_message(remote_data) if addresses else None
+        remote_parsed = queued_metadata(remote_data) if addresses else None
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> Accepted:
             appended: list[Appended] = []
