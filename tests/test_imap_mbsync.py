@@ -1,0 +1,193 @@
+"""mbsync (Debian's isync), the sync client real users run, against a real daemon over TLS,
+on SQLite and PostgreSQL.
+
+mbsync keeps UIDVALIDITY, UIDs and flags per message in a state file and
+trusts the server to keep them stable (SPEC §6): if we renumbered, changed
+UIDVALIDITY or lost flags, it would download everything again or propagate
+the wrong changes. Each scenario syncs a server account to a local Maildir
+and checks both sides. CI installs isync (.ci/run); a local run without it
+skips these tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from runbox_mta.config import load_config
+from runbox_mta.imap.server import ImapProtocol
+from tests.daemon_config import listener_block, write_daemon_config
+from tests.test_imap_server import certs, shared_certs  # noqa: F401 (fixtures)
+from tests.threaded_daemon import ThreadedDaemon
+
+MBSYNC = shutil.which("mbsync")
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(MBSYNC is None, reason="mbsync is not installed (apt-get install isync; CI has it)"),
+]
+
+ADDRESS = "ola@example.test"
+PASSWORD = "correct horse battery staple"
+MESSAGES = [
+    b"From: a@example.net\r\nSubject: one\r\n\r\nfirst\r\n",
+    b"From: b@example.net\r\nSubject: two\r\n\r\nsecond\r\n",
+    b"From: c@example.net\r\nSubject: three\r\n\r\nthird\r\n",
+]
+# mbsync 1.4's names for connection security, by listener kind.
+SSL_TYPES = {"implicit": "IMAPS", "starttls": "STARTTLS"}
+# Commands that download a message or change the server; a sync without changes sends none.
+TRANSFERS = re.compile(r"BODY|BINARY|RFC822|STORE|APPEND|EXPUNGE|MOVE|COPY")
+
+
+class Mbsync:
+    """One mbsync channel syncing the server's INBOX with a Maildir under `root`."""
+
+    def __init__(self, root: Path, port: int, tls: str, certificate: Path) -> None:
+        self.root = root
+        self.maildir = root / "mail" / "INBOX"
+        self.config = root / "mbsyncrc"
+        (root / "mail").mkdir(parents=True)  # mbsync creates mailboxes, not the store's root
+        self.config.write_text(f"""
+IMAPAccount server
+Host 127.0.0.1
+Port {port}
+User {ADDRESS}
+Pass "{PASSWORD}"
+SSLType {SSL_TYPES[tls]}
+CertificateFile {certificate}
+
+IMAPStore far
+Account server
+
+MaildirStore near
+Path {root / "mail"}/
+Inbox {self.maildir}
+
+Channel inbox
+Far :far:
+Near :near:
+Patterns INBOX
+Create Near
+Sync All
+Expunge Both
+SyncState *
+""")
+
+    def run(self) -> str:
+        """Sync once (verbose, with the IMAP traffic); the output, which must report success."""
+        result = subprocess.run(
+            [str(MBSYNC), "-V", "-Dn", "-c", str(self.config), "inbox"], capture_output=True, text=True,
+            timeout=60, env={**os.environ, "HOME": str(self.root)})
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    def messages(self) -> dict[bytes, Path]:
+        """Each local message, in the server's form (see `local_form`), and its file."""
+        return {without_tuid(path.read_bytes().replace(b"\n", b"\r\n")): path
+                for sub in ("new", "cur") for path in (self.maildir / sub).iterdir()}
+
+
+def without_tuid(message: bytes) -> bytes:
+    """mbsync tags each message it copies with a header of its own (and stores LF line ends locally)."""
+    return re.sub(rb"^X-TUID: \S+\r\n", b"", message, count=1, flags=re.M)
+
+
+def commands(output: str) -> list[str]:
+    """The IMAP commands mbsync sent in one run (its -Dn trace), without tags."""
+    return re.findall(r"^(?:\(\d+ in progress\) )?>>> \S+ (.*)$", output, re.M)
+
+
+def transfers(output: str) -> list[str]:
+    return [command for command in commands(output) if TRANSFERS.search(command)]
+
+
+def downloads(output: str) -> list[str]:
+    return [command for command in commands(output) if "BODY.PEEK[]" in command]
+
+
+Setup = tuple[ThreadedDaemon, int, Mbsync]
+
+
+@pytest.fixture(params=["implicit", "starttls"])
+def setup(request: pytest.FixtureRequest, tmp_path: Path, database_url: str, certs: Path) -> Iterator[Setup]:
+    """A daemon serving IMAP with ADDRESS holding MESSAGES, its INBOX id, and an mbsync channel to it."""
+    listeners = listener_block("imap", request.param)
+    config = load_config(write_daemon_config(tmp_path, database_url, listeners=listeners))
+    daemon = ThreadedDaemon(config, {"imap": ImapProtocol()}, asyncio.new_event_loop)
+    inbox = daemon.add_account(ADDRESS, PASSWORD, MESSAGES)[1]
+    yield daemon, inbox, Mbsync(tmp_path / "client", daemon.port(request.param), request.param,
+                                certs / "server.pem")
+    assert daemon.stop() == 0, "a connection handler crashed"
+
+
+def server_flags(daemon: ThreadedDaemon, inbox: int) -> dict[int, frozenset[str]]:
+    async def flags() -> dict[int, frozenset[str]]:
+        return {message.uid: frozenset(message.flags) for message in await daemon.store.list_messages(inbox)}
+
+    return daemon.call(flags())
+
+
+def server_messages(daemon: ThreadedDaemon, inbox: int) -> list[bytes]:
+    async def messages() -> list[bytes]:
+        return [await daemon.store.read_message(inbox, message.uid)
+                for message in await daemon.store.list_messages(inbox)]
+
+    return daemon.call(messages())
+
+
+def test_first_sync_downloads_everything_and_a_second_one_nothing(setup: Setup):
+    daemon, inbox, mbsync = setup
+    first = mbsync.run()
+    assert sorted(mbsync.messages()) == sorted(MESSAGES)
+    assert downloads(first) == [f"UID FETCH {uid} (BODY.PEEK[])" for uid in (1, 2, 3)]
+    second = mbsync.run()
+    # Same UIDVALIDITY and UIDs: mbsync recognises every message and transfers none.
+    assert transfers(second) == []
+    assert sorted(mbsync.messages()) == sorted(MESSAGES)
+
+
+def test_changes_flow_both_ways(setup: Setup):
+    daemon, inbox, mbsync = setup
+    mbsync.run()
+
+    # New server mail arrives locally, and only it is downloaded.
+    new = b"From: d@example.net\r\nSubject: four\r\n\r\nfourth\r\n"
+    daemon.call(daemon.store.deliver([inbox], new))
+    output = mbsync.run()
+    assert downloads(output) == ["UID FETCH 4 (BODY.PEEK[])"]
+    assert sorted(mbsync.messages()) == sorted([*MESSAGES, new])
+
+    # A flag set locally (the Maildir info suffix, ":2,F") reaches the server.
+    local = mbsync.messages()
+    flagged = local[MESSAGES[1]]
+    flagged.rename(flagged.parent.parent / "cur" / (flagged.name.split(":2,")[0] + ":2,F"))
+    mbsync.run()
+    assert server_flags(daemon, inbox)[2] == {"\\Flagged"}
+
+    # A local deletion expunges the message on the server.
+    local[MESSAGES[0]].unlink()
+    mbsync.run()
+    assert sorted(server_flags(daemon, inbox)) == [2, 3, 4]
+
+    # A flag set on the server reaches the local file name.
+    daemon.call(daemon.store.update_flags(inbox, [3], "+", ["\\Seen"]))
+    mbsync.run()
+    assert mbsync.messages()[MESSAGES[2]].name.endswith(":2,S")
+
+    # A message written locally is uploaded (APPEND with APPENDUID), once.
+    written = b"From: ola@example.test\r\nSubject: draft\r\n\r\nwritten here\r\n"
+    (mbsync.maildir / "new" / "1700000000.local.host").write_bytes(written.replace(b"\r\n", b"\n"))
+    output = mbsync.run()
+    assert [command.split(" {")[0] for command in transfers(output)] == ['APPEND "INBOX"']
+    assert without_tuid(server_messages(daemon, inbox)[-1]) == written
+
+    final = mbsync.run()
+    assert transfers(final) == []
+    assert sorted(mbsync.messages()) == sorted([MESSAGES[1], MESSAGES[2], new, written])
