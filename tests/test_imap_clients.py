@@ -186,3 +186,35 @@ def test_idle_sees_mail_delivered_over_smtp(connect: Connect, server: MailServer
     client.idle_done()
     fetched = client.fetch([4], ["BODY.PEEK[]"])[4][b"BODY[]"]
     assert fetched.endswith(message)  # after the trace headers the MX prepended
+
+
+def test_folders_envelope_bodystructure_and_unicode_search(connect: Connect):
+    """imapclient's own parsers: LIST with modified UTF-7 names, ENVELOPE, BODYSTRUCTURE, SEARCH CHARSET."""
+    client = connect()
+    assert client.find_special_folder(b"\\Sent") == "Sent"
+    client.create_folder("Arkiv/Blåbær")
+    assert client.list_folders("Arkiv/", "*") == [((b"\\HasNoChildren",), b"/", "Arkiv/Blåbær")]
+    message = ("From: Jørn <j@example.net>\r\nTo: ola@example.test, Kari <k@example.net>\r\n"
+               "Subject: =?utf-8?q?R=C3=B8dgr=C3=B8d?=\r\nMessage-ID: <1@example.net>\r\n"
+               "Date: Tue, 5 Mar 2024 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+               "Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+               "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+               "blåbærsyltetøy\r\n--b\r\nContent-Type: image/png; name=x.png\r\n"
+               "Content-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n--b--\r\n").encode()
+    client.append("Arkiv/Blåbær", message)
+    client.select_folder("Arkiv/Blåbær")
+    fetched = client.fetch([1], ["ENVELOPE", "BODYSTRUCTURE", "BINARY.PEEK[2]"])[1]
+    envelope = fetched[b"ENVELOPE"]
+    assert envelope.subject == "=?utf-8?q?R=C3=B8dgr=C3=B8d?=".encode()
+    assert [address.mailbox for address in envelope.to] == [b"ola", b"k"]
+    assert envelope.from_[0].name == "Jørn".encode()
+    assert envelope.message_id == b"<1@example.net>"
+    structure = fetched[b"BODYSTRUCTURE"]
+    assert structure.is_multipart and structure[1] == b"mixed"
+    assert structure[0][0][:2] == (b"text", b"plain") and structure[0][1][:2] == (b"image", b"png")
+    assert fetched[b"BINARY[2]"] == b"hello"
+    assert client.search(["BODY", "syltetøy"], charset="UTF-8") == [1]
+    assert client.search(["SUBJECT", "rødgrød"], charset="UTF-8") == [1]
+    assert client.get_quota_root("INBOX")[0].mailbox == "INBOX"
+    assert client.namespace().personal == (("", "/"),)
+    assert client.id_({"name": "test"}) == ((b"name", b"runbox-mta"),)
