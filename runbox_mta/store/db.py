@@ -59,8 +59,8 @@ MIGRATION_LOCK_KEY = 0x72756E626F78  # "runbox"
 # Connections kept open. Fifty SMTP sessions looking up recipients at once
 # need a dozen or more; a pool of 5 (SQLAlchemy's default) opened and closed
 # one (an aiosqlite thread plus its PRAGMAs) per lookup beyond the fifth.
-POOL_SIZE = 20
-POOL_OVERFLOW = 30
+POOL_SIZE = 50
+POOL_OVERFLOW = 50
 
 T = TypeVar("T")
 

@@ -191,7 +191,8 @@ class _Walk:
 
 async def sender_addresses(conn: AsyncConnection, account_address: str) -> frozenset[str]:
     """The account's address and the exact aliases that deliver to it (not catch-alls)."""
-    return frozenset({account_address, *await conn.scalars(_SENDER_ALIASES, {"account": account_address})})
+    rows = await conn.execute(_SENDER_ALIASES, {"account": account_address})
+    return frozenset({account_address, *(source for (source,) in rows)})
 
 
 # Built once: submission asks at every MAIL FROM.
