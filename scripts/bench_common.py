@@ -191,6 +191,40 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def postfix_main_cf(root: Path, domain: str, sessions: int, specific: str) -> str:
+    """main.cf of a private Postfix instance under `root` (queue, logs), taking mail from
+    127.0.0.0/8; `specific` adds the benchmark's own lines (where mail goes, TLS)."""
+    return f"""\
+# Private Postfix instance for the benchmark: everything under {root}.
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.{domain}
+mydomain = {domain}
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains =
+smtpd_recipient_restrictions =
+{specific}
+# The load comes from one address: let all its sessions in (as a local MX
+# would for its own relays), and enough smtpd processes for them.
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+default_process_limit = {max(100, sessions * 2)}
+maillog_file_prefixes = {root}
+maillog_file = {root}/maillog
+biff = no
+"""
+
+
 POSTFIX_MASTER_CF = """\
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 127.0.0.1:{port} inet n - n - - smtpd

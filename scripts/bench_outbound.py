@@ -39,6 +39,7 @@ from bench_common import (
     client_tls,
     free_port,
     percentile,
+    postfix_main_cf,
     runbox_instance,
     server_cpu,
     start_daemon,
@@ -182,40 +183,15 @@ def bench_runbox(args: argparse.Namespace, work: Path, sink_port: int) -> Server
 # --- Postfix ------------------------------------------------------------------------------
 
 
-def postfix_main_cf(root: Path, sink_port: int, sessions: int, concurrency: int) -> str:
-    return f"""\
-# Private Postfix instance for the benchmark: everything under {root}.
-compatibility_level = 3.6
-queue_directory = {root}/queue
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.{DOMAIN}
-mydomain = {DOMAIN}
-myorigin = $myhostname
-mydestination =
-local_recipient_maps =
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relay_domains =
+def postfix_relay_cf(root: Path, sink_port: int, sessions: int, concurrency: int) -> str:
+    return postfix_main_cf(root, DOMAIN, sessions, f"""\
 relayhost = [127.0.0.1]:{sink_port}
 smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_recipient_restrictions =
 smtpd_tls_chain_files = {root}/etc/server.key, {root}/etc/server.pem
 smtpd_tls_security_level = encrypt
 smtp_tls_security_level = may
 default_destination_concurrency_limit = {concurrency}
-smtp_destination_concurrency_limit = {concurrency}
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-default_process_limit = {max(100, sessions * 2)}
-maillog_file_prefixes = {root}
-maillog_file = {root}/maillog
-biff = no
-"""
+smtp_destination_concurrency_limit = {concurrency}""")
 
 
 def bench_postfix(args: argparse.Namespace, work: Path, sink_port: int) -> ServerRun:
@@ -228,7 +204,7 @@ def bench_postfix(args: argparse.Namespace, work: Path, sink_port: int) -> Serve
         path.mkdir(mode=0o755, parents=True, exist_ok=True)
     generate_self_signed("localhost", pf / "etc")
     port = free_port()
-    (pf / "etc" / "main.cf").write_text(postfix_main_cf(pf, sink_port, args.sessions, args.destination_concurrency))
+    (pf / "etc" / "main.cf").write_text(postfix_relay_cf(pf, sink_port, args.sessions, args.destination_concurrency))
     (pf / "etc" / "master.cf").write_text(
         POSTFIX_MASTER_CF.replace("inet n - n - - smtpd", "inet n - n - - smtpd -o smtpd_tls_wrappermode=yes")
         .format(port=port))

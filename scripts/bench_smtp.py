@@ -33,6 +33,7 @@ from bench_common import (
     Listener,
     free_port,
     percentile,
+    postfix_main_cf,
     run,
     runbox_instance,
     server_cpu,
@@ -191,44 +192,18 @@ service lmtp {{
 """
 
 
-def postfix_main_cf(root: Path, port: int, lmtp_socket: Path, sessions: int, starttls: bool) -> str:
+def postfix_mx_cf(root: Path, lmtp_socket: Path, sessions: int, starttls: bool) -> str:
     tls = (f"smtpd_tls_security_level = may\n"
            f"smtpd_tls_chain_files = {root}/etc/server.key, {root}/etc/server.pem\n"
-           f"smtpd_tls_session_cache_database = btree:{root}/data/smtpd_scache\n") if starttls \
-        else "smtpd_tls_security_level = none\n"
-    return f"""\
-# Private Postfix instance for the benchmark: everything under {root}.
-compatibility_level = 3.6
-queue_directory = {root}/queue
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.{DOMAIN}
-mydomain = {DOMAIN}
-myorigin = $myhostname
-mydestination =
-local_recipient_maps =
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relay_domains =
+           f"smtpd_tls_session_cache_database = btree:{root}/data/smtpd_scache") if starttls \
+        else "smtpd_tls_security_level = none"
+    return postfix_main_cf(root, DOMAIN, sessions, f"""\
 virtual_mailbox_domains = {DOMAIN}
 virtual_mailbox_maps = texthash:{root}/etc/vmailbox
 virtual_transport = lmtp:unix:{lmtp_socket}
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-smtpd_recipient_restrictions =
-{tls}smtp_tls_security_level = none
-# The load comes from one address: let all its sessions in (as a local MX
-# would for its own relays), and enough smtpd processes for them.
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-default_process_limit = {max(100, sessions * 2)}
-maillog_file_prefixes = {root}
-maillog_file = {root}/maillog
-biff = no
-"""
+{tls}
+smtp_tls_security_level = none""")
 
 
 def maildir_count(maildir: Path) -> int:
@@ -257,7 +232,7 @@ def bench_postfix(args: argparse.Namespace, work: Path) -> ServerRun:
     if starttls:  # the same self-signed ECDSA P-256 certificate runbox-mta uses
         from runbox_mta.certs import generate_self_signed
         generate_self_signed("localhost", pf / "etc")
-    (pf / "etc" / "main.cf").write_text(postfix_main_cf(pf, port, lmtp_socket, args.sessions, starttls))
+    (pf / "etc" / "main.cf").write_text(postfix_mx_cf(pf, lmtp_socket, args.sessions, starttls))
     (pf / "etc" / "master.cf").write_text(POSTFIX_MASTER_CF.format(port=port))
     (pf / "etc" / "vmailbox").write_text(f"{RECIPIENT} ok\n")
     maildir = dc / "mail" / DOMAIN / RECIPIENT.split("@")[0] / "Maildir"
