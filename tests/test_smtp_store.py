@@ -56,6 +56,19 @@ async def test_looking_up_an_account_or_a_stranger_is_one_query(store: Store, al
     assert len(selects) == 3 + 1  # nobody@ also asks for a catch-all
 
 
+async def test_lookups_on_sqlite_need_no_begin(store: Store, alice: Account) -> None:
+    """Each lookup statement is its own implicit transaction: no BEGIN on every RCPT and MAIL."""
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's explicit BEGIN only")
+    statements: list[str] = []
+    event.listen(store.engine.sync_engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: statements.append(statement))
+    await store.resolve_recipient("alice@example.test")
+    await store.sender_addresses("alice@example.test")
+    await store.get_domain("example.test")
+    assert len(statements) == 3 and not any(s.startswith("BEGIN") for s in statements)
+
+
 async def test_unknown_and_foreign_addresses(store: Store, alice: Account) -> None:
     unknown = await store.resolve_recipient("nobody@example.test")
     assert unknown.unknown and unknown.hosted

@@ -24,7 +24,7 @@ from runbox_mta.store.blobs import BlobStore
 from runbox_mta.store.changes import ChangeBus, ChangeEvent, ChangeKind, Subscription
 from runbox_mta.store.committer import CommitStats, Committer, Job
 from runbox_mta.store.db import (
-    connect, create_engine, in_chunks, require_current_schema, scrub_freed_pages,
+    connect, create_engine, in_chunks, lookups, require_current_schema, scrub_freed_pages,
 )
 from runbox_mta.store.flags import decode_flags
 from runbox_mta.store.maildrop import MaildropStore
@@ -178,6 +178,7 @@ async def open_store(url: str, *, data_dir: Path | None = None) -> Store:
 class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._lookups = lookups(engine)
         self._blobs = BlobStore()
         self._changes = ChangeBus()
         self._committer = Committer(engine, self._changes.publish)
@@ -229,7 +230,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
     async def get_domain(self, name: str) -> Domain:
         name = normalise_domain(name)
-        async with connect(self._engine) as conn:
+        async with connect(self._lookups) as conn:
             row = (await conn.execute(_DOMAIN_BY_NAME, {"name": name})).one_or_none()
         if row is None:
             raise NotFound(_not_hosted(name))
@@ -612,12 +613,12 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     async def resolve_recipient(self, address: str) -> Resolution:
         """Who receives mail for `address` (accounts, aliases, plus-addressing, catch-all); RunboxError
         if it is not an address."""
-        async with connect(self._engine) as conn:
+        async with connect(self._lookups) as conn:
             return await resolve(conn, address)
 
     async def sender_addresses(self, account_address: str) -> frozenset[str]:
         """The addresses an account may send as: its own and the exact aliases delivering to it."""
-        async with connect(self._engine) as conn:
+        async with connect(self._lookups) as conn:
             return await sender_addresses(conn, normalise_address(account_address))
 
     async def accept_message(self, sender: str, *, mailbox_ids: Sequence[int] = (), local_data: bytes = b"",

@@ -49,6 +49,8 @@ SQLITE_PRAGMAS = (
 )
 # Execution option that marks a connection as the writer (see _begin_sqlite).
 WRITE_OPTION = "runbox_write"
+# Execution option for reads whose statements need not share a snapshot (see _begin_sqlite).
+LOOKUP_OPTION = "runbox_lookup"
 # Rows named in one IN (...) list: SQLite before 3.32 allowed 999 bound
 # parameters, asyncpg allows 32767; 500 stays clear of both.
 MAX_IN_LIST = 500
@@ -97,6 +99,13 @@ def writer(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(**{WRITE_OPTION: True})
 
 
+def lookups(engine: AsyncEngine) -> AsyncEngine:
+    """The same engine (same pool) for lookups made of independent statements (a recipient,
+    a sender's aliases): on SQLite each statement is its own implicit transaction, which
+    saves the BEGIN, a trip through aiosqlite's thread on every RCPT and MAIL."""
+    return engine.execution_options(**{LOOKUP_OPTION: True})
+
+
 def _prepare_sqlite_file(url: URL) -> None:
     if url.database in (None, "", ":memory:"):
         # Each pooled connection would get its own empty database.
@@ -124,8 +133,10 @@ def _begin_sqlite(connection: Connection) -> None:
     # A deferred transaction that reads and then writes fails at once with
     # SQLITE_BUSY (no busy wait) if another connection committed in between;
     # writers therefore take the write lock up front.
-    mode = "IMMEDIATE" if connection.get_execution_options().get(WRITE_OPTION) else "DEFERRED"
-    connection.exec_driver_sql(f"BEGIN {mode}")
+    options = connection.get_execution_options()
+    if options.get(LOOKUP_OPTION):
+        return
+    connection.exec_driver_sql(f"BEGIN {'IMMEDIATE' if options.get(WRITE_OPTION) else 'DEFERRED'}")
 
 
 @asynccontextmanager
