@@ -43,6 +43,13 @@ FETCH_BATCH_WITH_DATA = 20
 FETCH_BATCH = 1000
 # Structure parsing of a big message stalls other connections: it runs in a thread.
 INLINE_PARSE_LIMIT = 64 * 1024
+# SEARCH parses message text in Python, about a millisecond a message: more than this
+# many (or bytes past INLINE_PARSE_LIMIT) are scanned in a thread, not on the event loop.
+INLINE_SCAN_MESSAGES = 4
+# Rendering FETCH items of a big message (copies, NUL scans, BINARY decoding) runs in a thread too.
+INLINE_RENDER_LIMIT = 1024 * 1024
+# A FETCH response at least this large goes out in slices of it, each drained before the next.
+STREAM_CHUNK = 64 * 1024
 _ITEMS_FROM_ROW = frozenset({c.FetchItem.FLAGS, c.FetchItem.UID, c.FetchItem.INTERNALDATE, c.FetchItem.MODSEQ,
                              c.FetchItem.RFC822_SIZE})
 
@@ -222,16 +229,37 @@ class MessageCommands(_Base):
             return
         structure = await self._structure(view, row) if any(
             attribute not in _ITEMS_FROM_ROW for attribute in attributes) else None
-        items: list[bytes] = []
-        for attribute in attributes:
-            if attribute in _ITEMS_FROM_ROW:
-                items.append(_row_item(row, attribute))
-            else:
-                assert structure is not None
-                items.append(render_fetch_item(row.data, structure, attribute))
+        if row.data is not None and len(row.data) > INLINE_RENDER_LIMIT:
+            items = await asyncio.to_thread(_render_items, row, structure, attributes)
+        else:
+            items = _render_items(row, structure, attributes)
         if seen_now and c.FetchItem.FLAGS not in attributes:
             items.append(_row_item(row, c.FetchItem.FLAGS))  # RFC 9051 §6.4.5: report the implicit \Seen
-        self.out.write(b"* %d FETCH (" % number + b" ".join(items) + b")\r\n")
+        head = b"* %d FETCH (" % number
+        if sum(map(len, items)) < STREAM_CHUNK:
+            self.out.write(head + b" ".join(items) + b")\r\n")
+            return
+        pieces = [head]
+        for index, item in enumerate(items):
+            pieces += [b" ", item] if index else [item]
+        await self._stream([*pieces, b")\r\n"])
+
+    async def _stream(self, pieces: list[bytes]) -> None:
+        """Write `pieces` in STREAM_CHUNK slices, draining after each: a slow client holds back
+        the server's writes instead of making it buffer a whole message (as POP3 RETR does)."""
+        chunk = bytearray()
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                room = STREAM_CHUNK - len(chunk)
+                chunk += view[:room]
+                view = view[room:]
+                if len(chunk) == STREAM_CHUNK:
+                    self.out.write(bytes(chunk))
+                    chunk.clear()
+                    await self.out.flush()
+        if chunk:
+            self.out.write(bytes(chunk))
 
     async def _structure(self, view: MailboxView, row: MessageRow) -> MessageStructure:
         stored = (row.parsed or {}).get(STRUCTURE_KEY)
@@ -306,11 +334,15 @@ class MessageCommands(_Base):
         for start in range(0, len(view.uids), batch):
             rows = await self.services.store.message_rows(view.mailbox_id, view.uids[start:start + batch],
                                                            data=with_data)
-            for row in rows:
-                number = view.number(row.uid)
-                if number is not None and matches(command.key, Candidate(number, row), scope):
-                    found.append(row.uid if command.uid else number)
-                    modseq = max(modseq, row.modseq)
+            candidates = [Candidate(number, row) for row in rows if (number := view.number(row.uid)) is not None]
+            if with_data and (len(candidates) > INLINE_SCAN_MESSAGES
+                              or sum(len(row.data or b"") for row in rows) > INLINE_PARSE_LIMIT):
+                matched = await asyncio.to_thread(_matching_candidates, command.key, candidates, scope)
+            else:
+                matched = _matching_candidates(command.key, candidates, scope)
+            for candidate in matched:
+                found.append(candidate.row.uid if command.uid else candidate.number)
+                modseq = max(modseq, candidate.row.modseq)
         return found, modseq if uses_modseq(command.key) else None
 
     # --- COPY, MOVE (RFC 9051 §6.4.7, §6.4.8, RFC 4315 §3, RFC 6851) ---------------------------
@@ -334,6 +366,22 @@ class MessageCommands(_Base):
             await self.done(command.tag, "MOVE completed.", uid=command.uid)
         else:
             await self.done(command.tag, "COPY completed.", code, uid=command.uid)
+
+
+def _matching_candidates(key: c.SearchKey, candidates: list[Candidate], scope: Scope) -> list[Candidate]:
+    return [candidate for candidate in candidates if matches(key, candidate, scope)]
+
+
+def _render_items(row: MessageRow, structure: MessageStructure | None,
+                  attributes: list[c.FetchAttribute]) -> list[bytes]:
+    items: list[bytes] = []
+    for attribute in attributes:
+        if attribute in _ITEMS_FROM_ROW:
+            items.append(_row_item(row, attribute))
+        else:
+            assert structure is not None
+            items.append(render_fetch_item(row.data, structure, attribute))
+    return items
 
 
 def _row_item(row: MessageRow, item: c.FetchAttribute) -> bytes:
