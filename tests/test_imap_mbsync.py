@@ -47,7 +47,8 @@ TRANSFERS = re.compile(r"BODY|BINARY|RFC822|STORE|APPEND|EXPUNGE|MOVE|COPY")
 
 
 class Mbsync:
-    """One mbsync channel syncing the server's INBOX with a Maildir under `root`."""
+    """mbsync channels between the server and Maildirs under `root`: "inbox" for INBOX alone,
+    "all" for every folder, created on whichever side lacks it."""
 
     def __init__(self, root: Path, port: int, tls: str, certificate: Path) -> None:
         self.root = root
@@ -69,6 +70,7 @@ Account server
 MaildirStore near
 Path {root / "mail"}/
 Inbox {self.maildir}
+SubFolders Verbatim
 
 Channel inbox
 Far :far:
@@ -78,20 +80,30 @@ Create Near
 Sync All
 Expunge Both
 SyncState *
+
+Channel all
+Far :far:
+Near :near:
+Patterns *
+Create Both
+Sync All
+Expunge Both
+SyncState *
 """)
 
-    def run(self) -> str:
+    def run(self, channel: str = "inbox") -> str:
         """Sync once (verbose, with the IMAP traffic); the output, which must report success."""
         result = subprocess.run(
-            [str(MBSYNC), "-V", "-Dn", "-c", str(self.config), "inbox"], capture_output=True, text=True,
+            [str(MBSYNC), "-V", "-Dn", "-c", str(self.config), channel], capture_output=True, text=True,
             timeout=60, env={**os.environ, "HOME": str(self.root)})
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout + result.stderr
 
-    def messages(self) -> dict[bytes, Path]:
-        """Each local message, in the server's form (see `local_form`), and its file."""
+    def messages(self, folder: str = "INBOX") -> dict[bytes, Path]:
+        """Each message of a local folder, in the server's form (CRLF, no X-TUID), and its file."""
+        maildir = self.maildir if folder == "INBOX" else self.root / "mail" / folder
         return {without_tuid(path.read_bytes().replace(b"\n", b"\r\n")): path
-                for sub in ("new", "cur") for path in (self.maildir / sub).iterdir()}
+                for sub in ("new", "cur") for path in (maildir / sub).iterdir()}
 
 
 def without_tuid(message: bytes) -> bytes:
@@ -191,3 +203,27 @@ def test_changes_flow_both_ways(setup: Setup):
     final = mbsync.run()
     assert transfers(final) == []
     assert sorted(mbsync.messages()) == sorted([MESSAGES[1], MESSAGES[2], new, written])
+
+
+def test_folders_are_created_on_both_sides(setup: Setup):
+    daemon, inbox, mbsync = setup
+    account = daemon.call(daemon.store.get_account(ADDRESS)).id
+    projects = daemon.call(daemon.store.create_mailbox(account, "Work/Projects")).id
+    filed = b"From: boss@example.net\r\nSubject: plan\r\n\r\nthe plan\r\n"
+    daemon.call(daemon.store.append(projects, filed))
+    local = mbsync.root / "mail" / "Lists" / "rust"
+    for sub in ("cur", "new", "tmp"):
+        (local / sub).mkdir(parents=True)
+    kept = b"From: list@example.org\r\nSubject: release\r\n\r\nreleased\r\n"
+    (local / "new" / "1700000000.local.host").write_bytes(kept.replace(b"\r\n", b"\n"))
+
+    mbsync.run("all")
+    assert sorted(mbsync.messages("Work/Projects")) == [filed]
+    names = {mailbox.name for mailbox in daemon.call(daemon.store.list_mailboxes(account))}
+    assert {"Lists/rust", "Sent", "Trash", "Archive"} <= names
+    rust = daemon.call(daemon.store.get_mailbox(account, "Lists/rust")).id
+    assert [without_tuid(data) for data in server_messages(daemon, rust)] == [kept]
+    for folder in ("Sent", "Drafts", "Trash", "Junk", "Archive"):
+        assert (mbsync.root / "mail" / folder / "cur").is_dir()
+
+    assert transfers(mbsync.run("all")) == []
