@@ -559,6 +559,14 @@ async def test_close_finishes_queued_writes(database_url: str) -> None:
     await reopened.close()
 
 
+async def test_message_rows_leave_the_parsed_structure_out_when_not_asked(store: Store, inbox: Mailbox) -> None:
+    appended = await store.append(inbox.id, MESSAGE)
+    (full,) = await store.message_rows(inbox.id, [appended.uid], data=False)
+    (lean,) = await store.message_rows(inbox.id, [appended.uid], data=False, structure=False)
+    assert full.parsed is not None and full.parsed["size"] == len(MESSAGE)
+    assert lean.parsed is None and (lean.uid, lean.flags, lean.size) == (full.uid, full.flags, full.size)
+
+
 async def test_deliver_stores_one_blob_for_every_recipient(store: Store, alice: Account,
                                                            inbox: Mailbox) -> None:
     bob = await store.add_account("bob@example.test", "h")

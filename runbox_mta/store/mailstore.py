@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import BigInteger, Row, bindparam, case, cast, delete, func, insert, select, update
+from sqlalchemy import BigInteger, Row, bindparam, case, cast, delete, func, insert, null, select, update
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -160,11 +160,13 @@ class MailStore:
                 m.Expunged.mailbox_id == mailbox_id, m.Expunged.modseq > modseq).order_by(m.Expunged.uid))
             return Changes(box.highestmodseq, box.uidnext, tuple(_change(row) for row in rows), tuple(expunged))
 
-    async def message_rows(self, mailbox_id: int, uids: Sequence[int], *, data: bool,
+    async def message_rows(self, mailbox_id: int, uids: Sequence[int], *, data: bool, structure: bool = True,
                            changedsince: int | None = None) -> list[MessageRow]:
-        """The messages among `uids` (ascending) that still exist, optionally with their bytes."""
+        """The messages among `uids` (ascending) that still exist, optionally with their bytes and
+        (`structure`) their parsed metadata: decoding that JSON was half the CPU of a FETCH FLAGS."""
         columns = [m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords,
-                   m.Message.internal_date, m.Message.internal_date_offset, m.Message.size, m.Blob.parsed]
+                   m.Message.internal_date, m.Message.internal_date_offset, m.Message.size,
+                   m.Blob.parsed if structure else null().label("parsed")]
         if data:
             columns.append(m.Blob.data)
         rows: list[Row[Any]] = []
