@@ -688,9 +688,8 @@ def bench_runbox(args: argparse.Namespace) -> ServerRun:
         warn_if_busy("runbox-mta")
         print(f"  runbox-mta listening on 127.0.0.1:{port} (implicit TLS)", flush=True)
         run_phases(server, port, args, lambda: process_tree([pid]))
-        crashes = [line for line in (work / "runbox" / "runbox-mta.log").read_text(errors="replace").splitlines()
-                   if "Traceback" in line or "ERROR" in line or "WARNING" in line]
-        server.notes.extend(f"runbox-mta log: {summary}" for summary in summarise(crashes))
+        server.notes.extend(f"runbox-mta log: {summary}"
+                            for summary in summarise(log_problems(work / "runbox" / "runbox-mta.log")))
     return server
 
 
@@ -821,11 +820,27 @@ def bench_dovecot(args: argparse.Namespace) -> ServerRun:
     return server
 
 
+def log_problems(path: Path) -> list[str]:
+    """runbox-mta's WARNING/ERROR lines, and for each traceback its exception line."""
+    problems = []
+    lines = path.read_text(errors="replace").splitlines()
+    for index, line in enumerate(lines):
+        if " WARNING " in line or " ERROR " in line or " CRITICAL " in line:
+            problems.append(line)
+        elif line.startswith("Traceback"):
+            end = index + 1
+            while end < len(lines) and (lines[end].startswith((" ", "\t")) or not lines[end].strip()):
+                end += 1
+            if end < len(lines):
+                problems.append(f"traceback: {lines[end]}")
+    return problems
+
+
 def summarise(lines: list[str], kinds: int = 4) -> list[str]:
     """Log lines grouped by their text less timestamps, pids and numbers: the commonest kinds, counted."""
     groups: dict[str, list[str]] = {}
     for line in lines:
-        text = re.sub(r"^\w{3} +\d+ [\d:]+ ", "", line)  # Dovecot's timestamp
+        text = re.sub(r"^(\w{3} +\d+ [\d:]+|\d{4}-\d\d-\d\d [\d:,.]+) ", "", line)  # timestamps
         key = re.sub(r"\d+", "N", re.sub(r"<[^>]*>|\([^)]*\)|\[[^]]*\]", "", text))[:120]
         groups.setdefault(key, []).append(text)
     ranked = sorted(groups.values(), key=len, reverse=True)
