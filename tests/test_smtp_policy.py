@@ -254,3 +254,9 @@ def test_plan_gives_each_account_one_copy_with_return_path_and_remote_none() -> 
     bounce = plan("<>", [LOCAL], b"M\r\n", "Q", quarantine=True)
     assert bounce.mailbox_ids == (11,) and bounce.sender == "" and bounce.remote_data == b""
     assert bounce.local_data.startswith(b"Return-Path: <>\r\n")
+
+
+def test_plan_has_the_quota_checked_again_only_when_a_recipient_has_one() -> None:
+    limited = Resolution("nearly@example.test", hosted=True, local=(NEARLY,))
+    assert plan("a@example.net", [LOCAL, limited], b"M\r\n", "Q").quota is True
+    assert plan("a@example.net", [LOCAL, FORWARD], b"M\r\n", "Q").quota is False

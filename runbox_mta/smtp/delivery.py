@@ -36,6 +36,8 @@ class Delivery:
     local_data: bytes
     remote_recipients: tuple[str, ...]
     remote_data: bytes
+    # Some recipient had a quota when RCPT looked: only then is it checked again at commit.
+    quota: bool = True
 
 
 def plan(mail_from: str, resolutions: Sequence[Resolution], message: bytes, queue_id: str, *,
@@ -50,7 +52,8 @@ def plan(mail_from: str, resolutions: Sequence[Resolution], message: bytes, queu
     # A sender the queue cannot store as an address (a quoted local part, say)
     # is queued as the null sender: its forwarded copy bounces to nobody.
     sender = "" if mail_from == NULL_REVERSE_PATH else normalised(mail_from) or ""
-    return Delivery(queue_id, sender, mailbox_ids, local_data, remote, message if remote else b"")
+    quota = any(local.quota_bytes is not None for local in accounts.values())
+    return Delivery(queue_id, sender, mailbox_ids, local_data, remote, message if remote else b"", quota)
 
 
 async def deliver(store: Store, delivery: Delivery) -> str:
@@ -58,7 +61,7 @@ async def deliver(store: Store, delivery: Delivery) -> str:
     try:
         await store.accept_message(
             delivery.sender, mailbox_ids=delivery.mailbox_ids, local_data=delivery.local_data,
-            remote_recipients=delivery.remote_recipients, remote_data=delivery.remote_data,
+            remote_recipients=delivery.remote_recipients, remote_data=delivery.remote_data, quota=delivery.quota,
         )
     except QuotaExceeded:
         return codes.MAILBOX_FULL_AT_DATA

@@ -622,10 +622,12 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
             return await sender_addresses(conn, normalise_address(account_address))
 
     async def accept_message(self, sender: str, *, mailbox_ids: Sequence[int] = (), local_data: bytes = b"",
-                             remote_recipients: Sequence[str] = (), remote_data: bytes = b"") -> Accepted:
+                             remote_recipients: Sequence[str] = (), remote_data: bytes = b"",
+                             quota: bool = True) -> Accepted:
         """Deliver `local_data` into each mailbox (one shared blob) and queue `remote_data` for the
         remote recipients, in ONE transaction: a crash stores both or neither. QuotaExceeded (and
-        nothing stored) if a local copy would take an account over its quota."""
+        nothing stored) if a local copy would take an account over its quota; `quota=False` skips
+        that check, for a caller that knows no recipient has a quota (quotas are soft limits)."""
         sender = normalise_address(sender) if sender else ""
         addresses = [normalise_address(recipient) for recipient in remote_recipients]
         if not mailbox_ids and not addresses:
@@ -638,7 +640,8 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
             appended: list[Appended] = []
             queue_id = None
             if local_parsed is not None:
-                await check_quota(conn, mailbox_ids, len(local_data))
+                if quota:
+                    await check_quota(conn, mailbox_ids, len(local_data))
                 blob_id = await self._blobs.put(conn, local_data, local_parsed)
                 appended = await insert_messages(conn, events, blob_id, mailbox_ids, copy)
             if remote_parsed is not None:
