@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import uvloop
 from imapclient import IMAPClient
 from imapclient.response_parser import parse_fetch_response
 
@@ -42,22 +43,25 @@ IDLE_PUSH_WITHIN = 1.0  # SPEC §6: SMTP delivery reaches an IDLE client within 
 class MailServer(ThreadedDaemon):
     """SMTP (the MX) and IMAP (STARTTLS and implicit TLS) in one daemon, with ADDRESS holding MESSAGES."""
 
-    def __init__(self, tmp_path: Path, database_url: str, nameserver: str) -> None:
+    def __init__(self, tmp_path: Path, database_url: str, nameserver: str,
+                 new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
         listeners = "".join(listener_block(protocol, tls)
                             for protocol, tls in (("smtp", "starttls"), ("imap", "starttls"), ("imap", "implicit")))
         outbound = f'nameservers = ["{nameserver}"]\nenabled = false'  # nothing leaves: the queue stays put
         config = load_config(write_daemon_config(tmp_path, database_url, listeners=listeners, outbound=outbound))
-        super().__init__(config, protocol_registry(), asyncio.new_event_loop)
-        self.inbox_id = self.add_account(ADDRESS, PASSWORD, MESSAGES)[1]
+        super().__init__(config, protocol_registry(), new_loop)
+        self.add_account(ADDRESS, PASSWORD, MESSAGES)
 
     def listener_port(self, protocol: str, tls: str) -> int:
         return next(listener.address[1] for listener in self.daemon.listeners
                     if listener.config.protocol == protocol and listener.config.tls == tls)
 
 
-@pytest.fixture
-def server(tmp_path: Path, database_url: str, certs: Path, dns_server: DnsServer) -> Iterator[MailServer]:
-    started = MailServer(tmp_path, database_url, dns_server.nameserver)
+@pytest.fixture(params=[asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def server(request: pytest.FixtureRequest, tmp_path: Path, database_url: str, certs: Path,
+           dns_server: DnsServer) -> Iterator[MailServer]:
+    """The daemon on asyncio's loop and on uvloop, which the CLI runs."""
+    started = MailServer(tmp_path, database_url, dns_server.nameserver, request.param)
     yield started
     assert started.stop() == 0, "a connection handler crashed"
 
