@@ -60,7 +60,7 @@ async def every_value(store: Store) -> list[Any]:
 def count_commits(store: Store) -> list[int]:
     """A counter bumped by SQLAlchemy on every real COMMIT of the store's engine."""
     counter = [0]
-    event.listen(store.engine.sync_engine, "commit", lambda conn: counter.__setitem__(0, counter[0] + 1))
+    event.listen(store.committing_engine, "commit", lambda conn: counter.__setitem__(0, counter[0] + 1))
     return counter
 
 
@@ -536,7 +536,7 @@ async def test_a_deadlocked_job_is_retried_in_the_next_batch(store: Store) -> No
 async def test_a_batch_whose_jobs_all_succeed_runs_without_savepoints(store: Store, inbox: Mailbox) -> None:
     """A SAVEPOINT and its RELEASE per job would be a third of a delivery's statements."""
     statements: list[str] = []
-    event.listen(store.engine.sync_engine, "before_cursor_execute",
+    event.listen(store.committing_engine, "before_cursor_execute",
                  lambda conn, cursor, statement, *rest: statements.append(statement))
     await asyncio.gather(*(store.append(inbox.id, MESSAGE) for _ in range(5)))
     assert statements and not any("SAVEPOINT" in statement.upper() for statement in statements)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import BigInteger, Row, Select, bindparam, cast, delete, func, insert, or_, select, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
@@ -194,6 +195,11 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     def engine(self) -> AsyncEngine:
         """For diagnostics and tests only: the rest of the daemon goes through the methods."""
         return self._engine
+
+    @property
+    def committing_engine(self) -> Engine:
+        """For diagnostics and tests only: the engine whose COMMITs store every write."""
+        return self._committer.committing_engine
 
     async def close(self) -> None:
         """Finish queued writes, then release every connection."""

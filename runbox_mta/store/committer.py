@@ -30,14 +30,22 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runbox_mta.errors import RunboxError
 from runbox_mta.store.changes import ChangeEvent
-from runbox_mta.store.db import connect, writer
+from runbox_mta.store.db import (
+    InThreadConnection,
+    connect,
+    describe,
+    run_job,
+    thread_writer,
+    writer,
+)
 from runbox_mta.store.notify import new_origin, notify
 
 T = TypeVar("T")
@@ -81,6 +89,7 @@ class Committer:
     def __init__(self, engine: AsyncEngine, publish: Callable[[list[ChangeEvent]], None],
                  max_batch: int = MAX_BATCH_JOBS) -> None:
         self._engine = writer(engine)
+        self._thread_engine = thread_writer(engine)  # SQLite: batches run in a worker thread
         self._publish = publish
         self._max_batch = max_batch
         self._pending: deque[_Pending[Any]] = deque()
@@ -90,6 +99,11 @@ class Committer:
         self.stats = CommitStats()
         # Tags this store's NOTIFYs, so its own relay can skip them (published here already).
         self.origin = new_origin()
+
+    @property
+    def committing_engine(self) -> Engine:
+        """The (synchronous) engine whose COMMITs store the batches: for tests and diagnostics."""
+        return self._thread_engine or self._engine.sync_engine
 
     async def submit(self, job: Job[T]) -> T:
         """Run `job` in the next batch; return its result once it is committed."""
@@ -108,6 +122,8 @@ class Committer:
         if self._runner is not None:
             self._wakeup.set()
             await self._runner
+        if self._thread_engine is not None:
+            self._thread_engine.dispose()
 
     async def _run(self) -> None:
         while True:
@@ -146,6 +162,8 @@ class Committer:
     async def _transaction(self, batch: list[_Pending[Any]], *, savepoints: bool) -> bool:
         """Run the batch in one transaction and commit; False (nothing stored) if, without
         savepoints, a job failed."""
+        if self._thread_engine is not None:
+            return await asyncio.to_thread(self._transaction_in_thread, batch, savepoints)
         try:
             async with connect(self._engine) as conn:
                 async with conn.begin():
@@ -156,12 +174,35 @@ class Committer:
                                                          for event in pending.events])
                 # Leaving conn.begin() has committed.
         except _JobFailed:
-            for pending in batch:
-                pending.result, pending.error = None, None
-                pending.events.clear()
+            self._reset(batch)
             return False
         self.stats.commits += 1
         return True
+
+    def _transaction_in_thread(self, batch: list[_Pending[Any]], savepoints: bool) -> bool:
+        """_transaction for SQLite, in a worker thread: the whole batch and its COMMIT (the
+        fsync) in one trip instead of several per statement through aiosqlite's thread."""
+        assert self._thread_engine is not None
+        try:
+            try:
+                sync_conn = self._thread_engine.connect()
+            except (OSError, DBAPIError) as error:
+                raise RunboxError(f"cannot open database {describe(self._thread_engine.url)}: {error}") from error
+            with sync_conn, sync_conn.begin():
+                conn = cast(AsyncConnection, InThreadConnection(sync_conn))
+                for pending in batch:
+                    run_job(self._run_job(conn, pending) if savepoints else self._run_bare(conn, pending))
+        except _JobFailed:
+            self._reset(batch)
+            return False
+        self.stats.commits += 1
+        return True
+
+    @staticmethod
+    def _reset(batch: list[_Pending[Any]]) -> None:
+        for pending in batch:
+            pending.result, pending.error = None, None
+            pending.events.clear()
 
     @staticmethod
     async def _run_bare(conn: AsyncConnection, pending: _Pending[Any]) -> None:

@@ -12,17 +12,18 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event, text
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -97,6 +98,69 @@ def load_driver(url: str) -> None:
 def writer(engine: AsyncEngine) -> AsyncEngine:
     """The same engine (same pool) marked for writing: on SQLite its transactions BEGIN IMMEDIATE."""
     return engine.execution_options(**{WRITE_OPTION: True})
+
+
+def thread_writer(engine: AsyncEngine) -> Engine | None:
+    """For SQLite, a synchronous engine on the same file whose one connection writes from a
+    worker thread (the committer's batches, see InThreadConnection); None for other databases.
+
+    aiosqlite sends every statement to its thread and back (cursor, execute, fetch, close:
+    four trips, each a futex and a loop wake-up); a batch run in the thread at once makes
+    one trip for all its statements and its COMMIT."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite":
+        return None
+    sync = sa_create_engine(url.set(drivername="sqlite+pysqlite"), hide_parameters=True, pool_size=1,
+                            max_overflow=0, connect_args={"check_same_thread": False})
+    event.listen(sync, "connect", _configure_sqlite)
+    event.listen(sync, "begin", _begin_sqlite)
+    return sync.execution_options(**{WRITE_OPTION: True})
+
+
+class InThreadConnection:
+    """A synchronous connection behind the AsyncConnection methods store jobs use, so a job
+    (an async function of its connection) runs to completion in a worker thread: its awaits
+    of these methods never suspend, and `run_job` drives it with no event loop."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    @property
+    def dialect(self) -> Any:
+        return self._conn.dialect
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self._conn.execute(statement, parameters)
+
+    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
+        return self._conn.scalar(statement, parameters)
+
+    async def scalars(self, statement: Any, parameters: Any = None) -> Any:
+        return self._conn.scalars(statement, parameters)
+
+    def begin_nested(self) -> _InThreadSavepoint:
+        return _InThreadSavepoint(self._conn)
+
+
+class _InThreadSavepoint:
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def __aenter__(self) -> None:
+        self._savepoint = self._conn.begin_nested()
+
+    async def __aexit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        (self._savepoint.rollback if kind is not None else self._savepoint.commit)()
+
+
+def run_job(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Drive a store job over an InThreadConnection to its end, in the calling thread."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coroutine.close()
+    raise RuntimeError("a store job awaited something other than its connection")
 
 
 def lookups(engine: AsyncEngine) -> AsyncEngine:
