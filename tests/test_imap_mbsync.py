@@ -159,9 +159,14 @@ def test_first_sync_downloads_everything_and_a_second_one_nothing(setup: Setup):
     first = mbsync.run()
     assert sorted(mbsync.messages()) == sorted(MESSAGES)
     assert downloads(first) == [f"UID FETCH {uid} (BODY.PEEK[])" for uid in (1, 2, 3)]
+    state = (mbsync.maildir / ".mbsyncstate").read_text()
+    account = daemon.call(daemon.store.get_account(ADDRESS)).id
+    uidvalidity = daemon.call(daemon.store.get_mailbox(account, "INBOX")).uidvalidity
+    assert re.search(rf"^FarUidValidity {uidvalidity}$", state, re.M), state
     second = mbsync.run()
     # Same UIDVALIDITY and UIDs: mbsync recognises every message and transfers none.
     assert transfers(second) == []
+    assert (mbsync.maildir / ".mbsyncstate").read_text() == state
     assert sorted(mbsync.messages()) == sorted(MESSAGES)
 
 
