@@ -209,7 +209,7 @@ def test_folders_envelope_bodystructure_and_unicode_search(connect: Connect):
     client.select_folder("Arkiv/Blåbær")
     fetched = client.fetch([1], ["ENVELOPE", "BODYSTRUCTURE", "BINARY.PEEK[2]"])[1]
     envelope = fetched[b"ENVELOPE"]
-    assert envelope.subject == "=?utf-8?q?R=C3=B8dgr=C3=B8d?=".encode()
+    assert envelope.subject == b"=?utf-8?q?R=C3=B8dgr=C3=B8d?="
     assert [address.mailbox for address in envelope.to] == [b"ola", b"k"]
     assert envelope.from_[0].name == "Jørn".encode()
     assert envelope.message_id == b"<1@example.net>"
