@@ -47,7 +47,7 @@ async def test_looking_up_an_account_or_a_stranger_is_one_query(store: Store, al
     """RCPT runs this for every recipient: a round trip each for the domain, the aliases and
     the account tripled the MX's database work."""
     selects: list[str] = []
-    event.listen(store.engine.sync_engine, "before_cursor_execute",
+    event.listen(store.lookup_engine, "before_cursor_execute",
                  lambda conn, cursor, statement, *rest: selects.append(statement)
                  if statement.lstrip().upper().startswith("SELECT") else None)
     await store.resolve_recipient("alice@example.test")
@@ -61,7 +61,7 @@ async def test_lookups_on_sqlite_need_no_begin(store: Store, alice: Account) -> 
     if store.engine.dialect.name != "sqlite":
         pytest.skip("SQLite's explicit BEGIN only")
     statements: list[str] = []
-    event.listen(store.engine.sync_engine, "before_cursor_execute",
+    event.listen(store.lookup_engine, "before_cursor_execute",
                  lambda conn, cursor, statement, *rest: statements.append(statement))
     await store.resolve_recipient("alice@example.test")
     await store.sender_addresses("alice@example.test")

@@ -8,7 +8,8 @@ reach subscribers only after that.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -25,7 +26,8 @@ from runbox_mta.store.blobs import BlobStore
 from runbox_mta.store.changes import ChangeBus, ChangeEvent, ChangeKind, Subscription
 from runbox_mta.store.committer import CommitStats, Committer, Job
 from runbox_mta.store.db import (
-    connect, create_engine, in_chunks, lookups, require_current_schema, scrub_freed_pages,
+    InThreadConnection, connect, create_engine, in_chunks, lookups, require_current_schema, run_job,
+    scrub_freed_pages, thread_lookups,
 )
 from runbox_mta.store.flags import decode_flags
 from runbox_mta.store.maildrop import MaildropStore
@@ -180,6 +182,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._lookups = lookups(engine)
+        self._thread_lookups = thread_lookups(engine)  # SQLite: lookups in one worker-thread trip
         self._blobs = BlobStore()
         self._changes = ChangeBus()
         self._committer = Committer(engine, self._changes.publish)
@@ -197,13 +200,35 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         return self._engine
 
     @property
+    def lookup_engine(self) -> Engine:
+        """For diagnostics and tests only: the engine recipient and sender lookups run on."""
+        return self._thread_lookups or self._lookups.sync_engine
+
+    @property
     def committing_engine(self) -> Engine:
         """For diagnostics and tests only: the engine whose COMMITs store every write."""
         return self._committer.committing_engine
 
+    async def _lookup(self, read: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run `read`, a lookup made of independent statements (see db.lookups): on SQLite
+        whole in one worker-thread trip, elsewhere on a pooled async connection."""
+        if self._thread_lookups is None:
+            async with connect(self._lookups) as conn:
+                return await read(conn)
+        engine = self._thread_lookups
+
+        def in_thread() -> T:
+            with engine.connect() as sync_conn:
+                conn: Any = InThreadConnection(sync_conn)  # stands in for an AsyncConnection
+                return run_job(read(conn))
+
+        return await asyncio.to_thread(in_thread)
+
     async def close(self) -> None:
         """Finish queued writes, then release every connection."""
         await self._committer.close()
+        if self._thread_lookups is not None:
+            self._thread_lookups.dispose()
         await self._engine.dispose()
 
     def subscribe(self, *, account_id: int | None = None, mailbox_id: int | None = None) -> Subscription:
@@ -236,8 +261,10 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
     async def get_domain(self, name: str) -> Domain:
         name = normalise_domain(name)
-        async with connect(self._lookups) as conn:
-            row = (await conn.execute(_DOMAIN_BY_NAME, {"name": name})).one_or_none()
+        async def read(conn: AsyncConnection) -> Row[Any] | None:
+            return (await conn.execute(_DOMAIN_BY_NAME, {"name": name})).one_or_none()
+
+        row = await self._lookup(read)
         if row is None:
             raise NotFound(_not_hosted(name))
         return _domain(row)
@@ -619,13 +646,12 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     async def resolve_recipient(self, address: str) -> Resolution:
         """Who receives mail for `address` (accounts, aliases, plus-addressing, catch-all); RunboxError
         if it is not an address."""
-        async with connect(self._lookups) as conn:
-            return await resolve(conn, address)
+        return await self._lookup(lambda conn: resolve(conn, address))
 
     async def sender_addresses(self, account_address: str) -> frozenset[str]:
         """The addresses an account may send as: its own and the exact aliases delivering to it."""
-        async with connect(self._lookups) as conn:
-            return await sender_addresses(conn, normalise_address(account_address))
+        address = normalise_address(account_address)
+        return await self._lookup(lambda conn: sender_addresses(conn, address))
 
     async def accept_message(self, sender: str, *, mailbox_ids: Sequence[int] = (), local_data: bytes = b"",
                              remote_recipients: Sequence[str] = (), remote_data: bytes = b"",
