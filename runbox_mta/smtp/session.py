@@ -130,6 +130,7 @@ class SmtpSession(SMTP):
         self._errors = 0
         self._junk = 0
         self._busy = False  # in DATA or AUTH: a drain waits for the reply
+        self._held: list[bytes] = []  # replies not yet written (see _write)
         self._stop_when_done = False
 
     # --- what serve_protocol needs (net.listener.SessionProtocol) ------------------------------
@@ -209,9 +210,20 @@ class SmtpSession(SMTP):
     async def _write(self, reply: str) -> None:
         # Replies may echo client input (aiosmtpd's "Could not VRFY <arg>"):
         # no control characters, and no bytes that are not UTF-8.
-        line = _CONTROL.sub("?", reply).encode("utf-8", "replace")
-        self._writer.write(line + b"\r\n")
+        self._held.append(_CONTROL.sub("?", reply).encode("utf-8", "replace") + b"\r\n")
+        # RFC 2920 §3.1: replies to pipelined commands may go out together. A 250
+        # while the client's next command line already waits in the input is not
+        # awaited by the client: hold it, and write all held replies at once with
+        # the next reply sent while the input has run dry (a syscall a reply saved).
+        if reply.startswith("250") and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+            return
+        self._writer.write(self._take_held())
         await self._writer.drain()
+
+    def _take_held(self) -> bytes:
+        replies = b"".join(self._held)
+        self._held.clear()
+        return replies
 
     async def _hang_up(self, reply: str) -> None:
         """Send a closing 421 and end the session before another pipelined command is read."""
@@ -223,7 +235,7 @@ class SmtpSession(SMTP):
     def _say_and_close(self, reply: str) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        self._writer.write(reply.encode("ascii") + b"\r\n")
+        self._writer.write(self._take_held() + reply.encode("ascii") + b"\r\n")
         self.transport.close()
 
     def _timeout_cb(self) -> None:
