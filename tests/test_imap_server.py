@@ -606,6 +606,19 @@ def test_idle_ended_by_something_else_than_done(daemon, tls_client):
     raw.close()
 
 
+def test_a_drain_ends_idle_sessions_at_once(daemon, tls_client):
+    idle = session(daemon, tls_client, b"INBOX")
+    idle.send(b"i IDLE\r\n")
+    assert idle.line() == b"+ idling"
+    between_commands = session(daemon, tls_client)
+    started = time.monotonic()
+    stopping = asyncio.run_coroutine_threadsafe(daemon.daemon.stop(grace=60), daemon.loop)
+    assert idle.line() == b"* BYE [UNAVAILABLE] Server shutting down."
+    assert between_commands.line() == b"* BYE [UNAVAILABLE] Server shutting down."
+    stopping.result(30)
+    assert time.monotonic() - started < 30  # not the 60 s grace period
+
+
 def test_searchres_saves_a_result_for_dollar(daemon, tls_client):
     raw = session(daemon, tls_client, b"INBOX")
     expect(raw.chat(b"SEARCH RETURN (SAVE) OR SUBJECT one SUBJECT three"), [r"a OK .*saved\."])

@@ -23,7 +23,7 @@ from runbox_mta.imap.session_state import MailboxGone
 from runbox_mta.imap.wire import (
     IdleDone, NeedLiteral, NeedMore, ProtocolError, RawCommand, Receiver, SaslResponse,
 )
-from runbox_mta.net.listener import BoundListener, Connection, IdleTimeout, read_some, serve_streams
+from runbox_mta.net.listener import BoundListener, Connection, IdleTimeout, read_some, serve_streams, waiting_for_client
 from runbox_mta.store.changes import Subscription
 
 if TYPE_CHECKING:
@@ -185,7 +185,8 @@ class ImapConnection:
         change = asyncio.ensure_future(subscription.get()) if subscription is not None else None
         waiting = {read} if change is None else {read, change}
         try:
-            await asyncio.wait(waiting, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED)
+            async with waiting_for_client():  # idling between commands: a drain ends it here
+                await asyncio.wait(waiting, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in waiting:
                 task.cancel()

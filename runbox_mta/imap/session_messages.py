@@ -173,7 +173,7 @@ class MessageCommands(_Base):
         await self.done(command.tag, "EXPUNGE completed.", uid=command.uid_set is not None)  # sync announces them
 
     async def _deleted_uids(self, view: MailboxView, uids: Sequence[int]) -> list[int]:
-        rows = await self.services.store.message_rows(view.mailbox_id, uids, data=False)
+        rows = await self.services.store.message_rows(view.mailbox_id, uids, data=False, structure=False)
         return [row.uid for row in rows if "\\Deleted" in row.flags]
 
     # --- FETCH (RFC 9051 §6.4.5, RFC 3516, RFC 7162 §3.1.4) ------------------------------------
@@ -194,11 +194,14 @@ class MessageCommands(_Base):
         if not view.readonly and any(sets_seen(attribute) for attribute in attributes):
             seen_now = await self._mark_seen(view, uids)
         with_data = any(needs_data(attribute) for attribute in attributes if attribute not in _ITEMS_FROM_ROW)
+        # FLAGS, UID, MODSEQ ... come from the row: the stored structure would only be decoded for nothing.
+        structure = any(attribute not in _ITEMS_FROM_ROW for attribute in attributes)
         batch = FETCH_BATCH_WITH_DATA if with_data else FETCH_BATCH
         try:
             for start in range(0, len(uids), batch):
                 rows = await self.services.store.message_rows(
-                    view.mailbox_id, uids[start:start + batch], data=with_data, changedsince=command.changedsince)
+                    view.mailbox_id, uids[start:start + batch], data=with_data, structure=structure,
+                    changedsince=command.changedsince)
                 for row in rows:
                     await self._write_fetch(view, row, attributes, row.uid in seen_now)
                 await self.out.flush()
@@ -333,7 +336,7 @@ class MessageCommands(_Base):
         modseq = 0
         for start in range(0, len(view.uids), batch):
             rows = await self.services.store.message_rows(view.mailbox_id, view.uids[start:start + batch],
-                                                           data=with_data)
+                                                           data=with_data, structure=False)
             candidates = [Candidate(number, row) for row in rows if (number := view.number(row.uid)) is not None]
             if with_data and (len(candidates) > INLINE_SCAN_MESSAGES
                               or sum(len(row.data or b"") for row in rows) > INLINE_PARSE_LIMIT):
