@@ -981,6 +981,9 @@ def report(args: argparse.Namespace, runs: dict[str, ServerRun], nofile: int) ->
         print()
         print(f"3. IDLE: {args.idle_connections} TLS connections wanted (LOGIN, SELECT INBOX of "
               f"{args.idle_messages} messages, IDLE), then one APPEND from another connection")
+        print("   All idle on the same INBOX, so the APPEND wakes every one of them: each of Dovecot's imap")
+        print("   processes syncs the Maildir and its index files, each runbox-mta session reads the changes")
+        print("   from the store.")
         header = f"{'server':<12} {'open':>6} {'failed':>6} {'secs':>6} {'procs':>11} {'PSS MiB':>15} " \
                  f"{'PSS/conn':>9} {'RSS/conn':>9} {'EXISTS<1s':>10} {'all':>6} {'p50 ms':>7} {'max ms':>7}"
         print(header)
