@@ -70,7 +70,7 @@ BIG, WORK, IDLE = (f"{name}@{DOMAIN}" for name in ("big", "work", "idle"))
 MAIL_UID = MAIL_GID = 65534  # Dovecot's virtual-mail uid (nobody:nogroup)
 READ_TIMEOUT = 300.0
 EXISTS_WITHIN = 1.0  # the IDLE push target: EXISTS within 1 s of the APPEND's commit
-EXISTS_WAIT = 60.0  # how long to wait for the others
+EXISTS_WAIT = 180.0  # how long after sending the APPEND to wait for its OK and every EXISTS
 OPEN_CONCURRENCY = 64  # IDLE connections being opened at once (TLS handshake, LOGIN, SELECT)
 SELECT_REPEAT = 5  # timed SELECTs of the big mailbox (median reported)
 FETCH_REPEAT = 3  # timed UID FETCH 1:* (FLAGS) of the big mailbox (median reported)
@@ -504,6 +504,7 @@ class IdleResult:
     available_drop_kib: int = 0  # MemAvailable before - after, whole machine
     exists_latencies: list[float] = field(default_factory=list)  # APPEND sent -> EXISTS seen
     append_seconds: float = 0.0  # APPEND sent -> its tagged OK
+    delivery_problems: list[str] = field(default_factory=list)
 
     def per_connection(self, which: int) -> float:
         return (self.after_kib[which] - self.before_kib[which]) / max(self.opened, 1)
@@ -570,16 +571,31 @@ async def idle_test(port: int, count: int, server_pids: Callable[[], list[int]],
                 return
 
     watchers = [asyncio.create_task(watch(client)) for client in clients]
-    sender_client = await Client.connect(port, tls)
+    sender_client: Client | None = None
+    started = time.perf_counter()
     try:
+        sender_client = await Client.connect(port, tls)
         await sender_client.login(IDLE)
+
+        async def append(client: Client) -> None:
+            await client.command("APPEND INBOX", crlf(make_message(77, 0, IDLE)[0]))
+            result.append_seconds = time.perf_counter() - started
+
         started = time.perf_counter()
-        await sender_client.command("APPEND INBOX", crlf(make_message(77, 0, IDLE)[0]))
-        committed = time.perf_counter()
-        result.append_seconds = committed - started
-        await asyncio.wait(watchers, timeout=EXISTS_WAIT)
+        appending = asyncio.create_task(append(sender_client))
+        # Until the APPEND is answered and every IDLE has its EXISTS, or EXISTS_WAIT after sending.
+        await asyncio.wait([appending, *watchers], timeout=EXISTS_WAIT)
+        if not appending.done():
+            result.delivery_problems.append(f"the APPEND was not answered within {EXISTS_WAIT:.0f} s")
+            result.append_seconds = float("nan")
+        elif appending.exception() is not None:
+            result.delivery_problems.append(f"the APPEND failed: {appending.exception()!r}")
+        appending.cancel()
+    except (TimeoutError, ImapError, OSError, asyncio.IncompleteReadError) as error:
+        result.delivery_problems.append(f"the delivering connection failed: {error!r}")
     finally:
-        sender_client.close()
+        if sender_client is not None:
+            sender_client.close()
         for watcher in watchers:
             watcher.cancel()
         for client in clients:
@@ -1022,6 +1038,8 @@ def report(args: argparse.Namespace, runs: dict[str, ServerRun], nofile: int) ->
                 print(f"{server.name}: the APPEND took {idle.append_seconds * 1000:.0f} ms (sent -> tagged OK)")
                 if idle.failures:
                     print(f"{server.name}: first open failures: {'; '.join(sorted(set(idle.failures))[:3])}")
+                for problem in idle.delivery_problems:
+                    print(f"{server.name}: {problem}")
         if rb and dc and rb.idle and dc.idle and rb.idle.opened and dc.idle.opened:
             ratio = rb.idle.per_connection(1) / dc.idle.per_connection(1) if dc.idle.per_connection(1) else float("nan")
             counts = {rb.idle.opened, dc.idle.opened}
