@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from runbox_mta.errors import NotFound
 from runbox_mta.store import Store, open_store
 from runbox_mta.store.queue import DELAYED, Deferral
 
@@ -19,7 +22,10 @@ async def test_a_claim_is_exclusive_until_its_lease_expires(store: Store) -> Non
     now = datetime.now(UTC)
     (claimed,) = await store.claim("remote.test", "A", now, now + LEASE, 10)
     assert [r.address for r in claimed.recipients] == ["a@remote.test", "b@remote.test"]
-    assert claimed.sender == "alice@example.test" and await store.read_queued(claimed.blob_id) == MESSAGE
+    assert claimed.sender == "alice@example.test"
+    assert await store.read_queued([claimed.blob_id, claimed.blob_id]) == {claimed.blob_id: MESSAGE}
+    with pytest.raises(NotFound):
+        await store.read_queued([claimed.blob_id, claimed.blob_id + 1000])
     assert await store.claim("remote.test", "B", now, now + LEASE, 10) == []
     assert await store.due_destinations(now) == ["other.test"]
     # A killed holder: once its lease is over, someone else takes the mail.

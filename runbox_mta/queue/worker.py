@@ -150,7 +150,8 @@ class QueueWorker:
     async def _deliver(self, domain: str, batch: list[ClaimedMessage]) -> None:
         attempt = Attempt(self._outbound, domain, [])
         try:
-            originals = {message.queue_id: await self._store.read_queued(message.blob_id) for message in batch}
+            blobs = await self._store.read_queued([message.blob_id for message in batch])
+            originals = {message.queue_id: blobs[message.blob_id] for message in batch}
             attempt = Attempt(self._outbound, domain,
                               [Pending(message, originals[message.queue_id]) for message in batch])
             await _run(attempt)

@@ -56,6 +56,17 @@ class BlobStore:
             raise NotFound(f"no such blob: {blob_id}")
         return data
 
+    async def get_many(self, conn: AsyncConnection, blob_ids: Iterable[int]) -> dict[int, bytes]:
+        wanted = sorted(set(blob_ids))
+        found: dict[int, bytes] = {}
+        for chunk in in_chunks(wanted):
+            rows = await conn.execute(select(m.Blob.id, m.Blob.data).where(m.Blob.id.in_(chunk)))
+            found.update({blob_id: data for blob_id, data in rows})
+        missing = set(wanted) - found.keys()
+        if missing:
+            raise NotFound(f"no such blob: {min(missing)}")
+        return found
+
     async def release(self, conn: AsyncConnection, blob_ids: Iterable[int]) -> None:
         """Delete those of `blob_ids` that no message and no queue entry refers to any more."""
         for chunk in in_chunks(sorted(set(blob_ids))):

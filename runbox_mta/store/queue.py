@@ -24,7 +24,7 @@ recipient, releasing its blob.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -117,6 +117,8 @@ class QueueStore:
 
         async def _write(self, job: Job[T]) -> T: ...
 
+        async def _lookup(self, read: Callable[[AsyncConnection], Awaitable[T]]) -> T: ...
+
     async def queue_summary(self, now: datetime) -> QueueSummary:
         recipient = m.QueueRecipient
         leased = and_(recipient.lease_until.is_not(None), recipient.lease_until >= now)
@@ -169,9 +171,9 @@ class QueueStore:
 
         return await self._write(job)
 
-    async def read_queued(self, blob_id: int) -> bytes:
-        async with connect(self._engine) as conn:
-            return await self._blobs.get(conn, blob_id)
+    async def read_queued(self, blob_ids: Sequence[int]) -> dict[int, bytes]:
+        """The queued copies' bytes by blob id, in one lookup for a whole claimed batch."""
+        return await self._lookup(lambda conn: self._blobs.get_many(conn, blob_ids))
 
     async def settle(self, owner: str, finished: Sequence[int], deferred: Sequence[Deferral]) -> None:
         """Record an attempt: `finished` recipients (delivered or bounced) go, `deferred` ones wait.
