@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from runbox_mta.imap.encoding import (
@@ -461,13 +462,26 @@ def _language(fields: dict[str, bytes]) -> tuple[str, ...]:
     return tuple(tag.split()[0] for tag in tags if tag.strip())
 
 
+def _addresses(value: str) -> tuple[Address, ...]:
+    return tuple(Address(*address) for address in parse_addresses(value))
+
+
+# Delivery parses every message's address fields, and the same From and To come
+# back again and again (a twentieth of the MX's CPU): short ones are remembered
+# (the results are immutable).
+MAX_REMEMBERED_FIELD = 500
+_remembered_addresses = lru_cache(maxsize=4096)(_addresses)
+
+
 def _envelope(fields: dict[str, bytes]) -> Envelope:
     def text(name: str) -> str | None:
         return _text(fields, name)
 
     def addresses(name: str) -> tuple[Address, ...]:
         value = text(name)
-        return tuple(Address(*address) for address in parse_addresses(value)) if value else ()
+        if not value:
+            return ()
+        return _remembered_addresses(value) if len(value) <= MAX_REMEMBERED_FIELD else _addresses(value)
 
     subject = text("subject")
     from_ = addresses("from")
