@@ -7,9 +7,15 @@ import pytest
 from sqlalchemy import event
 
 from runbox_mta.errors import RunboxError
-from runbox_mta.store import Account, QuotaExceeded, Store
-from runbox_mta.store import api
-from runbox_mta.store.recipients import without_tag
+from runbox_mta.store import (
+    Account,
+    LocalRecipient,
+    QuotaExceeded,
+    Resolution,
+    Store,
+    api,
+)
+from runbox_mta.store.recipients import RecentResolutions, without_tag
 
 MESSAGE = b"From: a@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -67,6 +73,29 @@ async def test_lookups_on_sqlite_need_no_begin(store: Store, alice: Account) -> 
     await store.sender_addresses("alice@example.test")
     await store.get_domain("example.test")
     assert len(statements) == 3 and not any(s.startswith("BEGIN") for s in statements)
+
+
+def test_recent_resolutions_keep_only_receivers_without_quota_and_only_for_a_while() -> None:
+    now = [100.0]
+    recent = RecentResolutions(ttl=5.0, clock=lambda: now[0])
+    receiver = LocalRecipient(1, "alice@example.test", 10, 11, quota_bytes=None, used_bytes=0)
+    limited = LocalRecipient(2, "bob@example.test", 20, None, quota_bytes=1000, used_bytes=10)
+    recent.offer("alice@example.test", Resolution("alice@example.test", hosted=True, local=(receiver,)))
+    recent.offer("bob@example.test", Resolution("bob@example.test", hosted=True, local=(limited,)))
+    recent.offer("nobody@example.test", Resolution("nobody@example.test", hosted=True))
+    recent.offer("x@elsewhere.example", Resolution("x@elsewhere.example", hosted=False, remote=("x@elsewhere.example",)))
+    assert recent.get("alice@example.test") is not None
+    assert recent.get("bob@example.test") is None  # its quota usage changes with every delivery
+    assert recent.get("nobody@example.test") is None  # a new account must receive at once
+    assert recent.get("x@elsewhere.example") is None
+    now[0] += 5.0
+    assert recent.get("alice@example.test") is None
+
+
+async def test_this_stores_own_recipient_changes_are_seen_at_once(store: Store, alice: Account) -> None:
+    assert await local_addresses(store, "alice@example.test") == ["alice@example.test"]
+    await store.remove_account("alice@example.test", purge=False)  # disabled, address kept
+    assert (await store.resolve_recipient("alice@example.test")).local == ()
 
 
 async def test_unknown_and_foreign_addresses(store: Store, alice: Account) -> None:

@@ -9,6 +9,7 @@ reach subscribers only after that.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -39,7 +40,7 @@ from runbox_mta.store.writes import (
     SPECIAL_USES, Appended, insert_mailbox, insert_messages, insert_queue_entry, new_copy, next_modseq,
     no_mailbox, parse_message, queued_metadata,
 )
-from runbox_mta.store.recipients import Resolution, check_quota, resolve, sender_addresses
+from runbox_mta.store.recipients import RecentResolutions, Resolution, check_quota, resolve, sender_addresses
 from runbox_mta.store.names import (
     INBOX, domain_of, normalise_address, normalise_alias_source, normalise_domain,
     normalise_mailbox_name,
@@ -178,11 +179,27 @@ async def open_store(url: str, *, data_dir: Path | None = None) -> Store:
     return Store(engine)
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+
+def _changes_recipients(method: _Method) -> _Method:
+    """For Store methods that change who receives what: this store's recent resolutions go."""
+    @functools.wraps(method)
+    async def changing(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self._recent_resolutions.clear()
+
+    return changing  # type: ignore[return-value]
+
+
 class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._lookups = lookups(engine)
         self._thread_lookups = thread_lookups(engine)  # SQLite: lookups in one worker-thread trip
+        self._recent_resolutions = RecentResolutions()
         self._blobs = BlobStore()
         self._changes = ChangeBus()
         self._committer = Committer(engine, self._changes.publish)
@@ -240,6 +257,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
     # --- domains ---------------------------------------------------------------------------
 
+    @_changes_recipients
     async def add_domain(self, name: str, dkim_selector: str, dkim_private_key: str) -> Domain:
         name = normalise_domain(name)
 
@@ -269,6 +287,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
             raise NotFound(_not_hosted(name))
         return _domain(row)
 
+    @_changes_recipients
     async def remove_domain(self, name: str) -> None:
         """Stop hosting `name` (its aliases go too); refused while it has accounts."""
         name = normalise_domain(name)
@@ -286,6 +305,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
     # --- accounts --------------------------------------------------------------------------
 
+    @_changes_recipients
     async def add_account(self, address: str, password_hash: str,
                           quota_bytes: int | None = None) -> Account:
         """Create an account with the default mailboxes; its domain must be hosted."""
@@ -332,6 +352,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
         await self._write(job)
 
+    @_changes_recipients
     async def update_account(self, address: str, *, app_passwords_only: bool | None = None,
                              no_backup: bool | None = None,
                              quota_bytes: int | None | Literal[_Unchanged.TOKEN] = UNCHANGED) -> Account:
@@ -353,6 +374,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
         return await self._write(job)
 
+    @_changes_recipients
     async def remove_account(self, address: str, purge: bool) -> None:
         """Disable the account (address stays reserved, data kept), or with purge erase every trace."""
         address = normalise_address(address)
@@ -382,6 +404,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
     # --- aliases ---------------------------------------------------------------------------
 
+    @_changes_recipients
     async def add_alias(self, source: str, target: str) -> Alias:
         """Deliver mail for `source` (an address, or "@domain" for a catch-all) to `target`."""
         source, target = normalise_alias_source(source), normalise_address(target)
@@ -403,6 +426,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
             )
             return [Alias(row.source, row.target) for row in rows]
 
+    @_changes_recipients
     async def remove_alias(self, source: str) -> None:
         """Remove `source` with all its targets."""
         source = normalise_alias_source(source)
@@ -646,7 +670,12 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     async def resolve_recipient(self, address: str) -> Resolution:
         """Who receives mail for `address` (accounts, aliases, plus-addressing, catch-all); RunboxError
         if it is not an address."""
-        return await self._lookup(lambda conn: resolve(conn, address))
+        recent = self._recent_resolutions.get(address)
+        if recent is not None:
+            return recent
+        resolution = await self._lookup(lambda conn: resolve(conn, address))
+        self._recent_resolutions.offer(address, resolution)
+        return resolution
 
     async def sender_addresses(self, account_address: str) -> frozenset[str]:
         """The addresses an account may send as: its own and the exact aliases delivering to it."""
