@@ -15,7 +15,8 @@ from runbox_mta.store import (
     Store,
     api,
 )
-from runbox_mta.store.recipients import RecentResolutions, without_tag
+from runbox_mta.store.recent import Recent
+from runbox_mta.store.recipients import repeatable, without_tag
 
 MESSAGE = b"From: a@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -75,25 +76,34 @@ async def test_lookups_on_sqlite_need_no_begin(store: Store, alice: Account) -> 
     assert len(statements) == 3 and not any(s.startswith("BEGIN") for s in statements)
 
 
-def test_recent_resolutions_keep_only_receivers_without_quota_and_only_for_a_while() -> None:
-    now = [100.0]
-    recent = RecentResolutions(ttl=5.0, clock=lambda: now[0])
+def test_only_resolutions_that_find_a_receiver_without_quota_are_repeated_from_memory() -> None:
     receiver = LocalRecipient(1, "alice@example.test", 10, 11, quota_bytes=None, used_bytes=0)
     limited = LocalRecipient(2, "bob@example.test", 20, None, quota_bytes=1000, used_bytes=10)
-    recent.offer("alice@example.test", Resolution("alice@example.test", hosted=True, local=(receiver,)))
-    recent.offer("bob@example.test", Resolution("bob@example.test", hosted=True, local=(limited,)))
-    recent.offer("nobody@example.test", Resolution("nobody@example.test", hosted=True))
-    recent.offer("x@elsewhere.example", Resolution("x@elsewhere.example", hosted=False, remote=("x@elsewhere.example",)))
-    assert recent.get("alice@example.test") is not None
-    assert recent.get("bob@example.test") is None  # its quota usage changes with every delivery
-    assert recent.get("nobody@example.test") is None  # a new account must receive at once
-    assert recent.get("x@elsewhere.example") is None
+    assert repeatable(Resolution("alice@example.test", hosted=True, local=(receiver,)))
+    assert repeatable(Resolution("list@example.test", hosted=True, remote=("x@elsewhere.example",)))
+    assert not repeatable(Resolution("bob@example.test", hosted=True, local=(limited,)))  # usage changes
+    assert not repeatable(Resolution("nobody@example.test", hosted=True))  # a new account receives at once
+    assert not repeatable(Resolution("x@elsewhere.example", hosted=False, remote=("x@elsewhere.example",)))
+
+
+def test_recent_answers_last_their_ttl() -> None:
+    now = [100.0]
+    recent: Recent[str, int] = Recent(ttl=5.0, size=2, clock=lambda: now[0])
+    recent.put("a", 1)
+    assert recent.get("a") == 1 and recent.get("b") is None
     now[0] += 5.0
-    assert recent.get("alice@example.test") is None
+    assert recent.get("a") is None
+    recent.put("a", 1)
+    recent.put("b", 2)
+    recent.put("c", 3)  # full: it starts over rather than grow
+    assert (recent.get("a"), recent.get("c")) == (None, 3)
 
 
-async def test_this_stores_own_recipient_changes_are_seen_at_once(store: Store, alice: Account) -> None:
+async def test_this_stores_own_changes_are_seen_at_once(store: Store, alice: Account) -> None:
     assert await local_addresses(store, "alice@example.test") == ["alice@example.test"]
+    assert await store.sender_addresses("alice@example.test") == {"alice@example.test"}
+    await store.add_alias("sales@example.test", "alice@example.test")
+    assert await store.sender_addresses("alice@example.test") == {"alice@example.test", "sales@example.test"}
     await store.remove_account("alice@example.test", purge=False)  # disabled, address kept
     assert (await store.resolve_recipient("alice@example.test")).local == ()
 

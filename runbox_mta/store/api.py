@@ -40,7 +40,8 @@ from runbox_mta.store.writes import (
     SPECIAL_USES, Appended, insert_mailbox, insert_messages, insert_queue_entry, new_copy, next_modseq,
     no_mailbox, parse_message, queued_metadata,
 )
-from runbox_mta.store.recipients import RecentResolutions, Resolution, check_quota, resolve, sender_addresses
+from runbox_mta.store.recent import Recent
+from runbox_mta.store.recipients import Resolution, check_quota, repeatable, resolve, sender_addresses
 from runbox_mta.store.names import (
     INBOX, domain_of, normalise_address, normalise_alias_source, normalise_domain,
     normalise_mailbox_name,
@@ -183,13 +184,14 @@ _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 
 
 def _changes_recipients(method: _Method) -> _Method:
-    """For Store methods that change who receives what: this store's recent resolutions go."""
+    """For Store methods that change who receives or sends what: this store's recent answers go."""
     @functools.wraps(method)
     async def changing(self: Store, *args: Any, **kwargs: Any) -> Any:
         try:
             return await method(self, *args, **kwargs)
         finally:
-            self._recent_resolutions.clear()
+            for recent in (self._recent_resolutions, self._recent_senders, self._recent_domains):
+                recent.clear()
 
     return changing  # type: ignore[return-value]
 
@@ -199,7 +201,10 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         self._engine = engine
         self._lookups = lookups(engine)
         self._thread_lookups = thread_lookups(engine)  # SQLite: lookups in one worker-thread trip
-        self._recent_resolutions = RecentResolutions()
+        # Answers of the lookups every message makes, for a few seconds (recent.py).
+        self._recent_resolutions: Recent[str, Resolution] = Recent()
+        self._recent_senders: Recent[str, frozenset[str]] = Recent()
+        self._recent_domains: Recent[str, Domain] = Recent()
         self._blobs = BlobStore()
         self._changes = ChangeBus()
         self._committer = Committer(engine, self._changes.publish)
@@ -279,13 +284,19 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
     async def get_domain(self, name: str) -> Domain:
         name = normalise_domain(name)
+        recent = self._recent_domains.get(name)
+        if recent is not None:
+            return recent
+
         async def read(conn: AsyncConnection) -> Row[Any] | None:
             return (await conn.execute(_DOMAIN_BY_NAME, {"name": name})).one_or_none()
 
         row = await self._lookup(read)
         if row is None:
             raise NotFound(_not_hosted(name))
-        return _domain(row)
+        domain = _domain(row)
+        self._recent_domains.put(name, domain)
+        return domain
 
     @_changes_recipients
     async def remove_domain(self, name: str) -> None:
@@ -674,13 +685,18 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         if recent is not None:
             return recent
         resolution = await self._lookup(lambda conn: resolve(conn, address))
-        self._recent_resolutions.offer(address, resolution)
+        if repeatable(resolution):
+            self._recent_resolutions.put(address, resolution)
         return resolution
 
     async def sender_addresses(self, account_address: str) -> frozenset[str]:
         """The addresses an account may send as: its own and the exact aliases delivering to it."""
         address = normalise_address(account_address)
-        return await self._lookup(lambda conn: sender_addresses(conn, address))
+        recent = self._recent_senders.get(address)
+        if recent is None:
+            recent = await self._lookup(lambda conn: sender_addresses(conn, address))
+            self._recent_senders.put(address, recent)
+        return recent
 
     async def accept_message(self, sender: str, *, mailbox_ids: Sequence[int] = (), local_data: bytes = b"",
                              remote_recipients: Sequence[str] = (), remote_data: bytes = b"",

@@ -20,9 +20,8 @@ both when a recipient is named (RCPT) and inside the delivery transaction.
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,40 +80,12 @@ class Resolution:
         return self.hosted and not self.local and not self.remote
 
 
-class RecentResolutions:
-    """Resolutions that found a receiver, remembered for a few seconds.
-
-    RCPT resolves the same popular addresses many times a second under load
-    (a worker-thread trip and a query each). Only answers that are safe to
-    repeat are kept: someone receives, and no receiver has a quota (whose
-    usage changes with every delivery). Unknown addresses are never kept, so a
-    new account receives at once; a change (alias, removal) by the CLI in
-    another process is seen after at most `ttl` seconds, as with Postfix's
-    and Dovecot's lookup caches.
-    """
-
-    def __init__(self, ttl: float = 5.0, size: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ttl = ttl
-        self._size = size
-        self._clock = clock
-        self._entries: dict[str, tuple[float, Resolution]] = {}
-
-    def get(self, address: str) -> Resolution | None:
-        entry = self._entries.get(address)
-        if entry is None or entry[0] <= self._clock():
-            return None
-        return entry[1]
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def offer(self, address: str, resolution: Resolution) -> None:
-        if resolution.unknown or not resolution.hosted or any(local.quota_bytes is not None
-                                                               for local in resolution.local):
-            return
-        if len(self._entries) >= self._size:
-            self._entries.clear()
-        self._entries[address] = (self._clock() + self._ttl, resolution)
+def repeatable(resolution: Resolution) -> bool:
+    """Whether a resolution may be answered again from memory for a few seconds (store/recent.py):
+    someone receives (so a new account is never refused from memory) and no receiver has a
+    quota (its usage changes with every delivery)."""
+    return resolution.hosted and not resolution.unknown and all(
+        local.quota_bytes is None for local in resolution.local)
 
 
 def without_tag(address: str) -> str:
