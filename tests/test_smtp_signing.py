@@ -35,8 +35,9 @@ def test_openssl_gives_the_same_signature_as_dkimpys_pure_python(key: rsa.RSAPri
     assert rsassa_pkcs1_v1_5_sign(digest, dkimpy_key) == dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, dkimpy_key)
 
 
-def test_dkimpy_signs_through_openssl() -> None:
+def test_dkimpy_signs_through_openssl_and_parses_each_key_once(key: rsa.RSAPrivateKey) -> None:
     assert dkim.RSASSA_PKCS1_v1_5_sign is rsassa_pkcs1_v1_5_sign
+    assert dkim.parse_pem_private_key(pem(key)) is dkim.parse_pem_private_key(pem(key))
 
 
 async def test_a_signed_message_verifies_with_dkimpy(key: rsa.RSAPrivateKey) -> None:

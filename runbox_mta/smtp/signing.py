@@ -10,7 +10,7 @@ whose timing depends on the key. OpenSSL, through cryptography, signs in a
 quarter of a millisecond, in constant time. dkimpy looks that one primitive up
 as a module global when it signs, so it is replaced once, at import, by one
 with the same contract; RSASSA-PKCS1-v1_5 is deterministic, and a test pins
-the two to the same bytes.
+the two to the same bytes. Its PEM parsing is remembered per key the same way.
 """
 
 from __future__ import annotations
@@ -78,3 +78,6 @@ def _openssl_key(numbers: tuple[int, ...]) -> rsa.RSAPrivateKey:
 
 
 dkim.RSASSA_PKCS1_v1_5_sign = rsassa_pkcs1_v1_5_sign
+# dkimpy also parses the PEM key (ASN.1, in Python) for every message; a domain's
+# key is the same bytes each time, and the parsed dict is only read.
+dkim.parse_pem_private_key = lru_cache(maxsize=64)(dkim.crypto.parse_pem_private_key)
