@@ -76,14 +76,14 @@ async def test_lookups_on_sqlite_need_no_begin(store: Store, alice: Account) -> 
     assert len(statements) == 3 and not any(s.startswith("BEGIN") for s in statements)
 
 
-def test_only_resolutions_that_find_a_receiver_without_quota_are_repeated_from_memory() -> None:
+def test_only_resolutions_without_quota_that_are_not_unknown_are_repeated_from_memory() -> None:
     receiver = LocalRecipient(1, "alice@example.test", 10, 11, quota_bytes=None, used_bytes=0)
     limited = LocalRecipient(2, "bob@example.test", 20, None, quota_bytes=1000, used_bytes=10)
     assert repeatable(Resolution("alice@example.test", hosted=True, local=(receiver,)))
     assert repeatable(Resolution("list@example.test", hosted=True, remote=("x@elsewhere.example",)))
     assert not repeatable(Resolution("bob@example.test", hosted=True, local=(limited,)))  # usage changes
     assert not repeatable(Resolution("nobody@example.test", hosted=True))  # a new account receives at once
-    assert not repeatable(Resolution("x@elsewhere.example", hosted=False, remote=("x@elsewhere.example",)))
+    assert repeatable(Resolution("x@elsewhere.example", hosted=False, remote=("x@elsewhere.example",)))
 
 
 def test_recent_answers_last_their_ttl() -> None:

@@ -16,6 +16,8 @@ from datetime import datetime
 
 CRLF = b"\r\n"
 _FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")  # RFC 5322 §3.6.8 ftext, then the colon
+_FIELD_START = re.compile(rb"(?:^|(?<=\r\n))[^ \t\r\n]")  # a line that does not continue a field
+_FOLD = re.compile(rb"\r\n(?=[ \t])")
 # What a HELO/EHLO argument may be to appear as is in a Received field: a
 # domain or an address literal. Anything else is recorded as "unknown".
 _HELO = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_]{0,252}|\[[A-Za-z0-9.:]{1,60}\]")
@@ -37,15 +39,16 @@ def header_end(data: bytes) -> int:
 def fields(data: bytes) -> Iterator[tuple[str, int, int]]:
     """(lowercase name, start, end) of each header field, folded lines included."""
     section = data[:header_end(data)]
-    starts = [match.start() for match in re.finditer(rb"(?:^|(?<=\r\n))[^ \t\r\n]", section)]
+    starts = [match.start() for match in _FIELD_START.finditer(section)]
     for start, end in zip(starts, [*starts[1:], len(section)]):
         match = _FIELD_NAME.match(section, start)
         if match:
             yield match.group(1).decode("ascii").lower(), start, end
 
 
-def has_field(data: bytes, name: str) -> bool:
-    return any(field == name.lower() for field, _, _ in fields(data))
+def field_names(data: bytes) -> set[str]:
+    """The lowercase names of the header fields present (one pass for several questions)."""
+    return {name for name, _, _ in fields(data)}
 
 
 def field_value(data: bytes, name: str) -> str | None:
@@ -53,7 +56,7 @@ def field_value(data: bytes, name: str) -> str | None:
     for field, start, end in fields(data):
         if field == name.lower():
             raw = data[start:end].split(b":", 1)[1]
-            return re.sub(rb"\r\n(?=[ \t])", b"", raw).strip().decode("utf-8", "replace")
+            return _FOLD.sub(b"", raw).strip().decode("utf-8", "replace")
     return None
 
 

@@ -37,9 +37,10 @@ class SubmissionHandler(MailHandler):
         now = datetime.now(UTC)
         queue_id = headers.new_queue_id()
         message = data
-        if not headers.has_field(message, "Message-ID"):
+        present = headers.field_names(data)
+        if "message-id" not in present:
             message = headers.append_to_header(message, headers.message_id(self.hostname))
-        if not headers.has_field(message, "Date"):
+        if "date" not in present:
             message = headers.append_to_header(message, headers.date(now))
         trace = headers.received(
             source=None, hostname=self.hostname,

@@ -82,10 +82,10 @@ class Resolution:
 
 def repeatable(resolution: Resolution) -> bool:
     """Whether a resolution may be answered again from memory for a few seconds (store/recent.py):
-    someone receives (so a new account is never refused from memory) and no receiver has a
-    quota (its usage changes with every delivery)."""
-    return resolution.hosted and not resolution.unknown and all(
-        local.quota_bytes is None for local in resolution.local)
+    it is not "unknown" (so a new account is never refused from memory) and no receiver has a
+    quota (its usage changes with every delivery). Addresses elsewhere are repeatable: a
+    domain newly hosted is seen within the few seconds."""
+    return not resolution.unknown and all(local.quota_bytes is None for local in resolution.local)
 
 
 def without_tag(address: str) -> str:
