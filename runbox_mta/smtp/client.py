@@ -317,17 +317,21 @@ async def _command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, l
 
 async def read_reply(reader: asyncio.StreamReader, timeout: float = REPLY_TIMEOUT) -> Reply:
     """One (possibly multi-line) reply; SmtpClientError on timeout, EOF or garbage."""
+    try:
+        async with asyncio.timeout(timeout):  # for the whole reply (RFC 5321 §4.5.3.2 times replies)
+            return await _reply_lines(reader)
+    except TimeoutError:
+        raise SmtpClientError("timed out waiting for a reply") from None
+    except (ValueError, asyncio.LimitOverrunError):
+        raise SmtpClientError("reply line too long") from None
+    except OSError as error:
+        raise SmtpClientError(f"connection lost: {error.strerror or error}") from None
+
+
+async def _reply_lines(reader: asyncio.StreamReader) -> Reply:
     lines: list[str] = []
     while len(lines) < MAX_REPLY_LINES:
-        try:
-            async with asyncio.timeout(timeout):
-                raw = await reader.readline()
-        except TimeoutError:
-            raise SmtpClientError("timed out waiting for a reply") from None
-        except (ValueError, asyncio.LimitOverrunError):
-            raise SmtpClientError("reply line too long") from None
-        except OSError as error:
-            raise SmtpClientError(f"connection lost: {error.strerror or error}") from None
+        raw = await reader.readline()
         match = _REPLY_LINE.fullmatch(raw.decode("utf-8", "replace").rstrip("\r\n"))
         if not raw.endswith(b"\n") or match is None:
             raise SmtpClientError("connection lost" if not raw else "malformed reply")
