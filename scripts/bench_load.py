@@ -8,13 +8,16 @@ the final dot.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench_common import client_tls, cpu_times, server_cpu
 
@@ -209,3 +212,23 @@ def run_load(load: Load, work: Path) -> LoadResult:
     result.machine_busy = (busy1 - busy0) / max(total1 - total0, 1.0)
     result.client_cpu = (usage1.user - usage0.user) + (usage1.system - usage0.system)
     return result
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, *, messages: int) -> None:
+    """The options every SMTP-load benchmark takes, --work (scripts/bench makes it) included."""
+    parser.add_argument("--messages", type=int, default=messages)
+    parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument("--size", type=int, default=4096, help="message size in bytes")
+    parser.add_argument("--only", choices=("runbox", "postfix"), help="run one side only")
+    parser.add_argument("--nice", type=int, default=-10,
+                        help="scheduling priority change for everything the benchmark runs (0: none)")
+    parser.add_argument("--work", type=Path, required=True, help="temporary directory (scripts/bench makes it)")
+
+
+def print_notes(runs: Iterable[Any]) -> None:
+    """Each run's notes, then up to five of its load errors."""
+    for run in runs:
+        for note in run.notes:
+            print(f"note: {note}")
+        for error in run.load.errors[:5]:
+            print(f"{run.name} error: {error}")

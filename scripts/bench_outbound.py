@@ -46,7 +46,7 @@ from bench_common import (
     wait_for_port,
     warn_if_busy,
 )
-from bench_load import Load, LoadResult, run_load
+from bench_load import Load, LoadResult, add_load_arguments, print_notes, run_load
 
 DOMAIN = "bench.test"
 SENDER = f"sender@{DOMAIN}"
@@ -262,26 +262,16 @@ def report(args: argparse.Namespace, runs: dict[str, ServerRun]) -> None:
         print()
         print(f"ratio runbox-mta delivered/s / postfix delivered/s: {ratio:6.2f}x")
         print(f"target: at least Postfix's rate: {'met' if ratio >= 1.0 else 'NOT met'}")
-    for run in runs.values():
-        for note in run.notes:
-            print(f"note: {note}")
-        for error in run.load.errors[:5]:
-            print(f"{run.name} error: {error}")
+    print_notes(runs.values())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench")
     sub = parser.add_subparsers(dest="command", required=True)
     outbound = sub.add_parser("outbound", help="runbox-mta vs Postfix relaying to a STARTTLS sink")
-    outbound.add_argument("--messages", type=int, default=10000)
-    outbound.add_argument("--sessions", type=int, default=50)
-    outbound.add_argument("--size", type=int, default=4096, help="message size in bytes")
+    add_load_arguments(outbound, messages=10000)
     outbound.add_argument("--destination-concurrency", type=int, default=20,
                           help="connections each server may open to the sink (Postfix's default: 20)")
-    outbound.add_argument("--only", choices=("runbox", "postfix"), help="run one side only")
-    outbound.add_argument("--nice", type=int, default=-10,
-                          help="scheduling priority change for everything the benchmark runs (0: none)")
-    outbound.add_argument("--work", type=Path, required=True, help="temporary directory (scripts/bench makes it)")
     sink = sub.add_parser("sink", help=argparse.SUPPRESS)
     sink.add_argument("--port", type=int, required=True)
     sink.add_argument("--cert", type=Path, required=True)

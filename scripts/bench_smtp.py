@@ -41,7 +41,7 @@ from bench_common import (
     wait_for_port,
     warn_if_busy,
 )
-from bench_load import Load, LoadResult, run_load
+from bench_load import Load, LoadResult, add_load_arguments, print_notes, run_load
 
 DOMAIN = "bench.test"
 RECIPIENT = f"rcpt@{DOMAIN}"
@@ -331,26 +331,16 @@ def report(args: argparse.Namespace, runs: dict[str, ServerRun]) -> None:
         verdict = "met" if pd.stored_seconds and rb.load.rate / (pd.stored / pd.stored_seconds) >= target \
             else "NOT met"
         print(f"target: at least {target:.0f}x the Postfix+Dovecot stored rate: {verdict}")
-    for server in runs.values():
-        for note in server.notes:
-            print(f"note: {note}")
-        for error in server.load.errors[:5]:
-            print(f"{server.name} error: {error}")
+    print_notes(runs.values())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench")
     sub = parser.add_subparsers(dest="command", required=True)
     smtp = sub.add_parser("smtp", help="runbox-mta vs Postfix+Dovecot, messages per second")
-    smtp.add_argument("--messages", type=int, default=20000)
-    smtp.add_argument("--sessions", type=int, default=50)
-    smtp.add_argument("--size", type=int, default=4096, help="message size in bytes")
-    smtp.add_argument("--only", choices=("runbox", "postfix"), help="run one side only")
-    smtp.add_argument("--nice", type=int, default=-10,
-                      help="scheduling priority change for everything the benchmark runs (0: none)")
+    add_load_arguments(smtp, messages=20000)
     smtp.add_argument("--tls", choices=("none", "starttls"), default="none",
                       help="plaintext (default) or STARTTLS on both servers")
-    smtp.add_argument("--work", type=Path, required=True, help="temporary directory (scripts/bench makes it)")
     dns = sub.add_parser("dns-server", help=argparse.SUPPRESS)
     dns.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
