@@ -27,7 +27,7 @@ from runbox_mta.store.blobs import BlobStore
 from runbox_mta.store.changes import ChangeBus, ChangeEvent, ChangeKind, Subscription
 from runbox_mta.store.committer import CommitStats, Committer, Job
 from runbox_mta.store.db import (
-    InThreadConnection, connect, create_engine, in_chunks, lookups, require_current_schema, run_job,
+    InThreadConnection, connect, create_engine, in_chunks, require_current_schema, run_job,
     scrub_freed_pages, thread_lookups,
 )
 from runbox_mta.store.flags import decode_flags
@@ -199,7 +199,6 @@ def _changes_recipients(method: _Method) -> _Method:
 class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._lookups = lookups(engine)
         self._thread_lookups = thread_lookups(engine)  # SQLite: lookups in one worker-thread trip
         # Answers of the lookups every message makes, for a few seconds (recent.py).
         self._recent_resolutions: Recent[str, Resolution] = Recent()
@@ -224,7 +223,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     @property
     def lookup_engine(self) -> Engine:
         """For diagnostics and tests only: the engine recipient and sender lookups run on."""
-        return self._thread_lookups or self._lookups.sync_engine
+        return self._thread_lookups or self._engine.sync_engine
 
     @property
     def committing_engine(self) -> Engine:
@@ -232,10 +231,10 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         return self._committer.committing_engine
 
     async def _lookup(self, read: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run `read`, a lookup made of independent statements (see db.lookups): on SQLite
+        """Run `read`, a lookup made of independent statements (see db.thread_lookups): on SQLite
         whole in one worker-thread trip, elsewhere on a pooled async connection."""
         if self._thread_lookups is None:
-            async with connect(self._lookups) as conn:
+            async with connect(self._engine) as conn:
                 return await read(conn)
         engine = self._thread_lookups
 

@@ -114,8 +114,10 @@ def thread_writer(engine: AsyncEngine) -> Engine | None:
 
 
 def thread_lookups(engine: AsyncEngine) -> Engine | None:
-    """For SQLite, a synchronous engine for `lookups` run whole in a worker thread (one trip
-    for a recipient's resolution instead of four per statement); None for other databases."""
+    """For SQLite, a synchronous engine for lookups made of independent statements (a
+    recipient, a sender's aliases), run whole in a worker thread: one trip for a
+    resolution instead of four per statement, and no BEGIN (each statement is its own
+    implicit transaction); None for other databases."""
     sync = _thread_engine(engine, pool_size=LOOKUP_THREADS)
     return None if sync is None else sync.execution_options(**{LOOKUP_OPTION: True})
 
@@ -175,13 +177,6 @@ def run_job(coroutine: Coroutine[Any, Any, T]) -> T:
         return cast(T, done.value)
     coroutine.close()
     raise RuntimeError("a store job awaited something other than its connection")
-
-
-def lookups(engine: AsyncEngine) -> AsyncEngine:
-    """The same engine (same pool) for lookups made of independent statements (a recipient,
-    a sender's aliases): on SQLite each statement is its own implicit transaction, which
-    saves the BEGIN, a trip through aiosqlite's thread on every RCPT and MAIL."""
-    return engine.execution_options(**{LOOKUP_OPTION: True})
 
 
 def _prepare_sqlite_file(url: URL) -> None:
