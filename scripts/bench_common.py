@@ -225,6 +225,24 @@ biff = no
 """
 
 
+@contextmanager
+def postfix_instance(root: Path) -> Iterator[None]:
+    """The private Postfix configured under root/etc runs for the block, stopped even on failure."""
+    start_daemon(["postfix", "-c", str(root / "etc"), "start"], root / "start.log")
+    try:
+        yield
+    finally:
+        subprocess.run(["postfix", "-c", str(root / "etc"), "stop"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def postfix_problems(root: Path) -> str | None:
+    """A note on the maillog's deferred, bounced and fatal lines, if it has any."""
+    errors = [line for line in (root / "maillog").read_text(errors="replace").splitlines()
+              if "status=deferred" in line or "status=bounced" in line or "fatal:" in line]
+    return f"postfix maillog: {len(errors)} deferred/bounced/fatal lines, first: {errors[0]}" if errors else None
+
+
 POSTFIX_MASTER_CF = """\
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 127.0.0.1:{port} inet n - n - - smtpd

@@ -39,10 +39,11 @@ from bench_common import (
     client_tls,
     free_port,
     percentile,
+    postfix_instance,
     postfix_main_cf,
+    postfix_problems,
     runbox_instance,
     server_cpu,
-    start_daemon,
     wait_for_port,
     warn_if_busy,
 )
@@ -208,8 +209,7 @@ def bench_postfix(args: argparse.Namespace, work: Path, sink_port: int) -> Serve
     (pf / "etc" / "master.cf").write_text(
         POSTFIX_MASTER_CF.replace("inet n - n - - smtpd", "inet n - n - - smtpd -o smtpd_tls_wrappermode=yes")
         .format(port=port))
-    start_daemon(["postfix", "-c", str(pf / "etc"), "start"], pf / "start.log")
-    try:
+    with postfix_instance(pf):
         wait_for_port(port, 60, log=pf / "maillog", tls=client_tls())
         warn_if_busy("postfix")
         print(f"  postfix submission on 127.0.0.1:{port} (implicit TLS), relaying to the sink; sending ...",
@@ -218,14 +218,10 @@ def bench_postfix(args: argparse.Namespace, work: Path, sink_port: int) -> Serve
         result = run_load(Load(port, SENDER, RECIPIENT, args.messages, args.sessions, args.size, "implicit"), work)
         run = ServerRun("postfix", result)
         wait_for_delivery(run, sink_port, work, baseline)
-        errors = [line for line in (pf / "maillog").read_text(errors="replace").splitlines()
-                  if "status=deferred" in line or "status=bounced" in line or "fatal:" in line]
-        if errors:
-            run.notes.append(f"postfix maillog: {len(errors)} deferred/bounced/fatal lines, first: {errors[0]}")
+        problems = postfix_problems(pf)
+        if problems:
+            run.notes.append(problems)
         return run
-    finally:
-        subprocess.run(["postfix", "-c", str(pf / "etc"), "stop"], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # --- reporting ----------------------------------------------------------------------------

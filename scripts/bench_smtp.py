@@ -33,7 +33,9 @@ from bench_common import (
     Listener,
     free_port,
     percentile,
+    postfix_instance,
     postfix_main_cf,
+    postfix_problems,
     run,
     runbox_instance,
     server_cpu,
@@ -245,8 +247,7 @@ def bench_postfix(args: argparse.Namespace, work: Path) -> ServerRun:
                 raise SystemExit(f"dovecot did not create {lmtp_socket}\n"
                                  + (dc / "dovecot.log").read_text(errors="replace")[-3000:])
             time.sleep(0.1)
-        start_daemon(["postfix", "-c", str(pf / "etc"), "start"], pf / "start.log")
-        try:
+        with postfix_instance(pf):
             wait_for_port(port, 60, log=pf / "maillog")
             warn_if_busy("postfix+dovecot")
             print(f"  postfix listening on 127.0.0.1:{port}, delivering over LMTP to dovecot; sending ...",
@@ -266,15 +267,10 @@ def bench_postfix(args: argparse.Namespace, work: Path) -> ServerRun:
             else:
                 server.notes.append(f"postfix+dovecot: only {stored} of {result.accepted} delivered "
                                     f"before the time limit")
-            errors = [line for line in (pf / "maillog").read_text(errors="replace").splitlines()
-                      if "status=deferred" in line or "status=bounced" in line or "fatal:" in line]
-            if errors:
-                server.notes.append(f"postfix maillog: {len(errors)} deferred/bounced/fatal lines, "
-                                    f"first: {errors[0]}")
+            problems = postfix_problems(pf)
+            if problems:
+                server.notes.append(problems)
             return server
-        finally:
-            subprocess.run(["postfix", "-c", str(pf / "etc"), "stop"], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finally:
         subprocess.run(["dovecot", "-c", str(dovecot_conf), "stop"], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
