@@ -533,6 +533,23 @@ async def test_a_deadlocked_job_is_retried_in_the_next_batch(store: Store) -> No
     assert (attempts, committer.stats.commits) == (3, 2)
 
 
+def test_run_job_drives_a_job_that_only_awaits_its_connection_and_refuses_any_other_wait() -> None:
+    class Conn:
+        async def execute(self, value: int) -> int:
+            return value
+
+    async def job(conn: Conn) -> int:
+        return await conn.execute(1) + await conn.execute(2)
+
+    async def waits_on_the_loop(conn: Conn) -> int:
+        await asyncio.sleep(0)
+        return 0
+
+    assert db.run_job(job(Conn())) == 3
+    with pytest.raises(RuntimeError, match="awaited something other than its connection"):
+        db.run_job(waits_on_the_loop(Conn()))
+
+
 async def test_a_batch_whose_jobs_all_succeed_runs_without_savepoints(store: Store, inbox: Mailbox) -> None:
     """A SAVEPOINT and its RELEASE per job would be a third of a delivery's statements."""
     statements: list[str] = []
