@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from sqlalchemy import text
 
 from runbox_mta.auth.app_passwords import generate_app_password, normalise_app_password
 from runbox_mta.certs import generate_self_signed
@@ -382,6 +383,20 @@ def test_fetch_store_search_transcript(daemon, tls_client):
            [r"\* 1 FETCH \(UID 1 MODSEQ \(\d+\)\)", r"a OK .*"])
     expect(raw.chat(b"EXPUNGE"), [r"\* 3 EXPUNGE", r"a OK EXPUNGE completed\."])
     expect(raw.chat(b"CLOSE"), [r"a OK .*"])
+    raw.close()
+
+
+def test_search_of_messages_stored_without_a_searchable_header_reads_their_bytes(daemon, tls_client):
+    async def forget_search_headers() -> None:  # as blobs stored before schema revision 0002
+        async with daemon.store.engine.begin() as conn:
+            await conn.execute(text("UPDATE blobs SET search_header = NULL"))
+
+    raw = session(daemon, tls_client, b"INBOX")
+    expect(raw.chat(b"SEARCH FROM ann SUBJECT ONE"), [r"\* SEARCH 1", r"a OK .*"])
+    daemon.call(forget_search_headers())
+    expect(raw.chat(b"SEARCH FROM ann SUBJECT ONE"), [r"\* SEARCH 1", r"a OK .*"])
+    expect(raw.chat(b"SEARCH OR FROM b@ TEXT last"), [r"\* SEARCH 2 3", r"a OK .*"])
+    expect(raw.chat(b"SEARCH SENTSINCE 1-Jan-2023 SENTBEFORE 3-Jan-2023"), [r"\* SEARCH 1", r"a OK .*"])
     raw.close()
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from runbox_mta.imap import commands as c
 from runbox_mta.imap.responses import flag_list, mailbox_name, tagged
-from runbox_mta.imap.search import Candidate, Scope, matches, needs_data, uses_modseq
+from runbox_mta.imap.search import Candidate, Scope, matches, needs_body, needs_header, uses_modseq
 from runbox_mta.imap.search_keys import parse_search_program
 from runbox_mta.imap.sequence import SequenceSet
 from runbox_mta.imap.session_mailbox import _matches
@@ -16,6 +16,7 @@ from runbox_mta.imap.session_messages import _esearch
 from runbox_mta.imap.session_state import MailboxView, Refused
 from runbox_mta.imap.syntax import Reader
 from runbox_mta.imap.wire import RawCommand
+from runbox_mta.store.blobs import parse_metadata
 from runbox_mta.store.mailstore import MessageRow
 
 
@@ -68,9 +69,13 @@ MESSAGE = (b"From: =?utf-8?q?J=C3=B8rn?= <j@example.net>\r\nSubject: Quarterly r
            b"Content-Transfer-Encoding: quoted-printable\r\n\r\nBl=C3=A5b=C3=A6r pie\r\n")
 
 
-def candidate(data: bytes = MESSAGE, flags: frozenset[str] = frozenset({"\\Seen", "$Work"})) -> Candidate:
+def candidate(data: bytes = MESSAGE, flags: frozenset[str] = frozenset({"\\Seen", "$Work"}), *,
+              stored_header: bool = False) -> Candidate:
+    """A message as SEARCH gets it: with the searchable header stored at delivery (and the bytes
+    only if a body key needs them), or, stored before headers were kept, with its bytes."""
+    search_header = parse_metadata(data).search_header if stored_header else None
     row = MessageRow(uid=7, modseq=12, flags=flags, internal_date=datetime(2024, 3, 6, 4, 30, tzinfo=UTC),
-                     size=len(data), parsed=None, data=data)
+                     size=len(data), parsed=None, data=data, search_header=search_header)
     return Candidate(2, row)
 
 
@@ -86,17 +91,32 @@ def key(text: str) -> c.SearchKey:
     ("LARGER 10 SMALLER 100000", True), ("UID 7", True), ("UID 1:6", False), ("2", True), ("*", False),
     ("OR UNSEEN NOT DELETED", True), ("MODSEQ 12", True), ("MODSEQ 13", False),
 ])
-def test_search_matches(text, expected):
-    assert matches(key(text), candidate(), Scope(largest_number=3, largest_uid=9)) is expected
+@pytest.mark.parametrize("stored_header", [True, False])
+def test_search_matches(text, expected, stored_header):
+    assert matches(key(text), candidate(stored_header=stored_header), Scope(largest_number=3, largest_uid=9)) \
+        is expected
 
 
-def test_search_needs_data_only_for_content_keys():
-    assert not needs_data(key("SEEN OR UID 1 LARGER 5"))
-    assert needs_data(key("NOT SUBJECT x")) and needs_data(key("SENTSINCE 1-Jan-2020"))
+def test_search_reads_headers_and_bodies_only_for_content_keys():
+    assert not needs_header(key("SEEN OR UID 1 LARGER 5")) and not needs_body(key("SEEN OR UID 1 LARGER 5"))
+    assert needs_header(key("NOT SUBJECT x")) and needs_header(key("SENTSINCE 1-Jan-2020"))
+    assert not needs_body(key("NOT SUBJECT x")) and not needs_body(key("SENTSINCE 1-Jan-2020"))
+    assert needs_body(key("BODY x")) and not needs_header(key("BODY x"))
+    assert needs_body(key("TEXT x")) and needs_header(key("TEXT x"))
 
 
-def test_search_survives_garbage_messages():
-    garbage = candidate(b"\xff\xfe: \x00\r\nDate: not a date\r\n\r\n\x80\x81")
+def test_header_keys_match_the_stored_header_without_the_bytes():
+    stored = candidate(stored_header=True)
+    header_only = Candidate(2, MessageRow(**{**vars(stored.row), "data": None}))
+    for text, expected in (("FROM jørn", True), ("FROM J@EXAMPLE.NET", True), ("SUBJECT report", True),
+                           ("SUBJECT pie", False), ("HEADER content-type PLAIN", True), ("SENTBEFORE 6-Mar-2024", True),
+                           ("HEADER X-From jørn", False)):
+        assert matches(key(text), header_only, Scope(3, 9)) is expected, text
+
+
+@pytest.mark.parametrize("stored_header", [True, False])
+def test_search_survives_garbage_messages(stored_header):
+    garbage = candidate(b"\xff\xfe: \x00\r\nDate: not a date\r\n\r\n\x80\x81", stored_header=stored_header)
     for text in ("TEXT x", "SENTBEFORE 1-Jan-2030", "HEADER Date x", "BODY x"):
         assert matches(key(text), garbage, Scope(3, 9)) is False
 

@@ -1,10 +1,12 @@
 """SEARCH evaluation: does one message match a search-key tree (RFC 9051 §6.4.4)?
 
-Pure: the session loads the rows (with the message bytes only when
-`needs_data(key)`), this module decides. String matching is a
-case-insensitive substring test on decoded text (RFC 2047 headers, the
-transfer encoding and charset of text parts undone), as RFC 9051 §6.4.4
-allows; the message is parsed at most once per SEARCH.
+Pure: the session loads the rows (with the stored searchable header when
+`needs_header(key)`, with the message bytes only when `needs_body(key)`),
+this module decides. String matching is a case-insensitive substring test
+on decoded text (RFC 2047 headers, the transfer encoding and charset of
+text parts undone), as RFC 9051 §6.4.4 allows. Header keys match the
+stored form of search_text; body keys parse the message, at most once per
+SEARCH.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ from runbox_mta.imap.search_keys import (
     All, And, BodyContains, DateKey, HasFlag, HeaderContains, InSet, ModSeqKey, Not, Or, SearchKey, SizeKey,
     TextContains,
 )
+from runbox_mta.imap.search_text import field_contains, field_values, searchable_header
 from runbox_mta.store.mailstore import MessageRow
 
-_DATA_KEYS = (HeaderContains, BodyContains, TextContains)
+def needs_header(key: SearchKey) -> bool:
+    """Whether evaluating `key` reads header fields (the stored searchable header)."""
+    return any(isinstance(inner, (HeaderContains, TextContains)) or (isinstance(inner, DateKey) and inner.sent)
+               for inner in _walk(key))
 
 
-def needs_data(key: SearchKey) -> bool:
-    """Whether evaluating `key` reads the message itself, not only its flags, dates and size."""
-    return any(isinstance(inner, _DATA_KEYS) or (isinstance(inner, DateKey) and inner.sent) for inner in _walk(key))
+def needs_body(key: SearchKey) -> bool:
+    """Whether evaluating `key` reads the message bytes (its body text)."""
+    return any(isinstance(inner, (BodyContains, TextContains)) for inner in _walk(key))
 
 
 def uses_modseq(key: SearchKey) -> bool:
@@ -74,11 +80,12 @@ class Candidate:
         assert isinstance(parsed, EmailMessage)
         return parsed
 
-    def header_values(self, name: str) -> list[str]:
-        try:
-            return [str(value) for value in self.message.get_all(name, [])]
-        except (ValueError, TypeError, IndexError):  # a malformed header matches nothing, never fails SEARCH
-            return []
+    @cached_property
+    def header(self) -> str:
+        """The searchable header (search_text): stored with the message, or made now for a message
+        stored before it was kept."""
+        stored = self.row.search_header
+        return stored if stored is not None else searchable_header(self.row.data or b"")
 
     @cached_property
     def body_text(self) -> str:
@@ -93,12 +100,8 @@ class Candidate:
                 texts.append(payload.decode("utf-8", "replace") if isinstance(payload, bytes) else "")
         return "\n".join(texts).casefold()
 
-    @cached_property
-    def header_text(self) -> str:
-        return "\n".join(f"{name}: {value}" for name, value in self.message.items()).casefold()
-
     def sent_date(self) -> date | None:
-        values = self.header_values("Date")
+        values = field_values(self.header, "Date")
         try:
             return email.utils.parsedate_to_datetime(values[0]).date() if values else None
         except (ValueError, TypeError, IndexError):
@@ -124,13 +127,12 @@ def matches(key: SearchKey, candidate: Candidate, scope: Scope) -> bool:
     if isinstance(key, ModSeqKey):
         return row.modseq >= key.modseq  # RFC 7162 §3.1.5
     if isinstance(key, HeaderContains):
-        wanted = key.value.casefold()
-        return any(wanted in value.casefold() for value in candidate.header_values(key.field))
+        return field_contains(candidate.header, key.field, key.value)
     if isinstance(key, BodyContains):
         return key.value.casefold() in candidate.body_text
     if isinstance(key, TextContains):
         wanted = key.value.casefold()
-        return wanted in candidate.header_text or wanted in candidate.body_text
+        return wanted in candidate.header or wanted in candidate.body_text
     if isinstance(key, Not):
         return not matches(key.key, candidate, scope)
     if isinstance(key, Or):

@@ -23,8 +23,7 @@ from runbox_mta.imap.dates import format_date_time
 from runbox_mta.imap.fetch import UnknownCte, needs_data, render_fetch_item, sets_seen
 from runbox_mta.imap.mime import MessageStructure, parse_structure
 from runbox_mta.imap.responses import flag_list, status, untagged
-from runbox_mta.imap.search import Candidate, Scope, matches, uses_modseq
-from runbox_mta.imap.search import needs_data as search_needs_data
+from runbox_mta.imap.search import Candidate, Scope, matches, needs_body, needs_header, uses_modseq
 from runbox_mta.imap.sequence import format_uid_set
 from runbox_mta.imap.session_state import Authenticated, MailboxGone, MailboxView, Refused, Selected
 from runbox_mta.store.blobs import STRUCTURE_KEY
@@ -45,6 +44,7 @@ FETCH_BATCH = 1000
 INLINE_PARSE_LIMIT = 64 * 1024
 # SEARCH parses message text in Python, about a millisecond a message: more than this
 # many (or bytes past INLINE_PARSE_LIMIT) are scanned in a thread, not on the event loop.
+# Header keys match the stored searchable header instead, in microseconds.
 INLINE_SCAN_MESSAGES = 4
 # Rendering FETCH items of a big message (copies, NUL scans, BINARY decoding) runs in a thread too.
 INLINE_RENDER_LIMIT = 1024 * 1024
@@ -329,17 +329,19 @@ class MessageCommands(_Base):
 
     async def _matching(self, view: MailboxView, command: c.Search) -> tuple[list[int], int | None]:
         """The matching numbers (UIDs for UID SEARCH), and their highest MODSEQ when the key names MODSEQ."""
-        with_data = search_needs_data(command.key)
-        batch = FETCH_BATCH_WITH_DATA if with_data else FETCH_BATCH
+        with_body = needs_body(command.key)
+        batch = FETCH_BATCH_WITH_DATA if with_body else FETCH_BATCH
         scope = Scope(len(view.uids), view.uids[-1] if view.uids else 0, frozenset(view.saved))
         found: list[int] = []
         modseq = 0
         for start in range(0, len(view.uids), batch):
             rows = await self.services.store.message_rows(view.mailbox_id, view.uids[start:start + batch],
-                                                           data=with_data, structure=False)
+                                                           data=with_body, structure=False,
+                                                           header=needs_header(command.key))
             candidates = [Candidate(number, row) for row in rows if (number := view.number(row.uid)) is not None]
-            if with_data and (len(candidates) > INLINE_SCAN_MESSAGES
-                              or sum(len(row.data or b"") for row in rows) > INLINE_PARSE_LIMIT):
+            # Rows with data are parsed: their body is searched, or their header was not stored.
+            parsed = [row for row in rows if row.data is not None]
+            if len(parsed) > INLINE_SCAN_MESSAGES or sum(len(row.data or b"") for row in parsed) > INLINE_PARSE_LIMIT:
                 matched = await asyncio.to_thread(_matching_candidates, command.key, candidates, scope)
             else:
                 matched = _matching_candidates(command.key, candidates, scope)

@@ -9,8 +9,8 @@ BlobStore: callers hand it bytes and get bytes back, by id.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, exists, insert, select
@@ -18,25 +18,31 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runbox_mta.errors import NotFound
 from runbox_mta.imap.mime import parse_structure
+from runbox_mta.imap.search_text import header_end, searchable_header
 from runbox_mta.store import models as m
 from runbox_mta.store.db import in_chunks
 
 # Key in blobs.parsed: imap.mime.MessageStructure.to_json() of the blob's bytes.
 STRUCTURE_KEY = "structure"
-# RFC 5322 §2.1: the header ends at the first empty line. CRLF is canonical;
-# a bare LF is tolerated because IMAP APPEND and imports bring what they bring.
-_EMPTY_LINE = re.compile(rb"(?:^|\n)\r?\n")
 
 
-def parse_metadata(data: bytes) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Metadata:
+    """What is stored beside a blob's bytes: `parsed` (blobs.parsed, JSON) and the searchable header."""
+
+    parsed: dict[str, Any]
+    search_header: str | None = None
+
+
+def parse_metadata(data: bytes) -> Metadata:
     """What IMAP needs without reading the message again (RFC 9051 §7.5.2 sizes and line count)."""
-    match = _EMPTY_LINE.search(data)
-    header_size = match.end() if match else len(data)
+    header_size = header_end(data)
     body = data[header_size:]
     body_lines = body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
     # The MIME structure IMAP's ENVELOPE, BODYSTRUCTURE and sections need, parsed once here.
     structure = parse_structure(data).to_json()
-    return {"size": len(data), "header_size": header_size, "body_lines": body_lines, STRUCTURE_KEY: structure}
+    parsed = {"size": len(data), "header_size": header_size, "body_lines": body_lines, STRUCTURE_KEY: structure}
+    return Metadata(parsed, searchable_header(data))
 
 
 # Built once: every delivery runs it.
@@ -46,8 +52,8 @@ _INSERT_BLOB = insert(m.Blob).returning(m.Blob.id)
 class BlobStore:
     """Blobs stored in the `blobs` table, inside the caller's transaction."""
 
-    async def put(self, conn: AsyncConnection, data: bytes, parsed: dict[str, Any]) -> int:
-        row = {"size": len(data), "data": data, "parsed": parsed}
+    async def put(self, conn: AsyncConnection, data: bytes, metadata: Metadata) -> int:
+        row = {"size": len(data), "data": data, "parsed": metadata.parsed, "search_header": metadata.search_header}
         return (await conn.execute(_INSERT_BLOB, row)).scalar_one()
 
     async def get(self, conn: AsyncConnection, blob_id: int) -> bytes:

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _SEEN = SYSTEM_FLAGS["\\Seen"]
+# SEARCH of a message stored before its searchable header was kept reads this much of it.
+UNSTORED_HEADER_LIMIT = 64 * 1024
 _DELETED = SYSTEM_FLAGS["\\Deleted"]
 
 
@@ -79,7 +81,8 @@ class MessageRow:
     internal_date: datetime
     size: int
     parsed: dict[str, Any] | None
-    data: bytes | None  # only when asked for
+    data: bytes | None  # only when asked for (see message_rows)
+    search_header: str | None = None  # imap.search_text's form, when asked for and stored
 
 
 @dataclass(frozen=True)
@@ -161,14 +164,21 @@ class MailStore:
             return Changes(box.highestmodseq, box.uidnext, tuple(_change(row) for row in rows), tuple(expunged))
 
     async def message_rows(self, mailbox_id: int, uids: Sequence[int], *, data: bool, structure: bool = True,
-                           changedsince: int | None = None) -> list[MessageRow]:
-        """The messages among `uids` (ascending) that still exist, optionally with their bytes and
-        (`structure`) their parsed metadata: decoding that JSON was half the CPU of a FETCH FLAGS."""
+                           header: bool = False, changedsince: int | None = None) -> list[MessageRow]:
+        """The messages among `uids` (ascending) that still exist, optionally with their bytes,
+        (`structure`) their parsed metadata, decoding which was half the CPU of a FETCH FLAGS,
+        and (`header`) their searchable header; for a message stored without one, the start of its
+        bytes instead, as `data`."""
         columns = [m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords,
                    m.Message.internal_date, m.Message.internal_date_offset, m.Message.size,
                    m.Blob.parsed if structure else null().label("parsed")]
         if data:
             columns.append(m.Blob.data)
+        elif header:  # the start of the bytes, where the header is, only of blobs without one stored
+            columns.append(case((m.Blob.search_header.is_(None), func.substr(m.Blob.data, 1, UNSTORED_HEADER_LIMIT)),
+                                else_=null()).label("data"))
+        if header:
+            columns.append(m.Blob.search_header)
         rows: list[Row[Any]] = []
         async with connect(self._engine) as conn:
             for chunk in in_chunks(uids):
@@ -178,7 +188,8 @@ class MailStore:
                     query = query.where(m.Message.modseq > changedsince)
                 rows += (await conn.execute(query.order_by(m.Message.uid))).all()
         return [MessageRow(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords),
-                           _internal_date(row), row.size, row.parsed, row.data if data else None)
+                           _internal_date(row), row.size, row.parsed, row.data if data or header else None,
+                           row.search_header if header else None)
                 for row in rows]
 
     async def mailbox_counts(self, mailbox_id: int) -> MailboxCounts:

@@ -137,8 +137,10 @@ class Blob(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     data: Mapped[bytes] = mapped_column(LargeBinary)
-    # Parsed once at delivery (sizes now; envelope and body structure later).
+    # Parsed once at delivery: sizes, and the MIME structure behind ENVELOPE and BODYSTRUCTURE.
     parsed: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # imap.search_text's form of the header, for SEARCH; NULL for queue copies and older blobs.
+    search_header: Mapped[str | None] = mapped_column(Text)
 
 
 class Message(Base):

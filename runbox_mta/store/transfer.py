@@ -100,7 +100,7 @@ class TransferStore:
             fresh: list[int] = []
             duplicates = over_quota = 0
             for index, (message, copy) in enumerate(zip(messages, copies)):
-                message_id = _message_id(parsed[index])
+                message_id = _message_id(parsed[index].parsed)
                 if await present.contains(copy, message_id, message.data):
                     duplicates += 1
                     continue

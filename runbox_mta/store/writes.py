@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runbox_mta.errors import NotFound
 from runbox_mta.store import models as m
-from runbox_mta.store.blobs import parse_metadata
+from runbox_mta.store.blobs import Metadata, parse_metadata
 from runbox_mta.store.changes import ChangeEvent, ChangeKind
 from runbox_mta.store.flags import encode_flags
 from runbox_mta.store.names import domain_of
@@ -42,7 +42,7 @@ def no_mailbox(mailbox_id: int) -> str:
     return f"no such mailbox id: {mailbox_id}"
 
 
-async def parse_message(data: bytes) -> dict[str, Any]:
+async def parse_message(data: bytes) -> Metadata:
     # Parsing a big message takes long enough to stall other connections.
     if len(data) > INLINE_PARSE_LIMIT:
         return await asyncio.to_thread(parse_metadata, data)
@@ -50,10 +50,10 @@ async def parse_message(data: bytes) -> dict[str, Any]:
 
 
 
-def queued_metadata(data: bytes) -> dict[str, Any]:
-    """blobs.parsed of a queued copy: it is only ever sent on, never shown to an IMAP
+def queued_metadata(data: bytes) -> Metadata:
+    """The metadata of a queued copy: it is only ever sent on, never shown to an IMAP
     client, so the MIME structure (a good part of delivery's CPU) is not computed."""
-    return {"size": len(data)}
+    return Metadata({"size": len(data)})
 
 
 @dataclass(frozen=True)
