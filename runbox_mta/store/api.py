@@ -27,8 +27,8 @@ from runbox_mta.store.blobs import BlobStore
 from runbox_mta.store.changes import ChangeBus, ChangeEvent, ChangeKind, Subscription
 from runbox_mta.store.committer import CommitStats, Committer, Job
 from runbox_mta.store.db import (
-    InThreadConnection, connect, create_engine, in_chunks, require_current_schema, run_job,
-    scrub_freed_pages, thread_lookups,
+    InThreadConnection, connect, create_engine, in_chunks, lookups, require_current_schema, run_job,
+    scrub_freed_pages, thread_reads,
 )
 from runbox_mta.store.flags import decode_flags
 from runbox_mta.store.maildrop import MaildropStore
@@ -199,7 +199,7 @@ def _changes_recipients(method: _Method) -> _Method:
 class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._thread_lookups = thread_lookups(engine)  # SQLite: lookups in one worker-thread trip
+        self._thread_reads = thread_reads(engine)  # SQLite: each read in one worker-thread trip
         # Answers of the lookups every message makes, for a few seconds (recent.py).
         self._recent_resolutions: Recent[str, Resolution] = Recent()
         self._recent_senders: Recent[str, frozenset[str]] = Recent()
@@ -223,33 +223,40 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     @property
     def lookup_engine(self) -> Engine:
         """For diagnostics and tests only: the engine recipient and sender lookups run on."""
-        return self._thread_lookups or self._engine.sync_engine
+        return self._thread_reads or self._engine.sync_engine
 
     @property
     def committing_engine(self) -> Engine:
         """For diagnostics and tests only: the engine whose COMMITs store every write."""
         return self._committer.committing_engine
 
-    async def _lookup(self, read: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run `read`, a lookup made of independent statements (see db.thread_lookups): on SQLite
-        whole in one worker-thread trip, elsewhere on a pooled async connection."""
-        if self._thread_lookups is None:
+    async def _read(self, read: Callable[[AsyncConnection], Awaitable[T]], *, snapshot: bool = True) -> T:
+        """Run `read`: in one transaction (`snapshot`), or each of its statements on its own (a
+        lookup, see db.lookups). On SQLite whole in one worker-thread trip, elsewhere on a pooled
+        async connection."""
+        if self._thread_reads is None:
             async with connect(self._engine) as conn:
-                return await read(conn)
-        engine = self._thread_lookups
+                return await read(conn)  # the connection begins a transaction on its first statement
+        engine = self._thread_reads if snapshot else lookups(self._thread_reads)
 
         def in_thread() -> T:
             with engine.connect() as sync_conn:
                 conn: Any = InThreadConnection(sync_conn)  # stands in for an AsyncConnection
-                return run_job(read(conn))
+                if not snapshot:
+                    return run_job(read(conn))
+                with sync_conn.begin():
+                    return run_job(read(conn))
 
         return await asyncio.to_thread(in_thread)
+
+    async def _lookup(self, read: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        return await self._read(read, snapshot=False)
 
     async def close(self) -> None:
         """Finish queued writes, then release every connection."""
         await self._committer.close()
-        if self._thread_lookups is not None:
-            self._thread_lookups.dispose()
+        if self._thread_reads is not None:
+            self._thread_reads.dispose()
         await self._engine.dispose()
 
     def subscribe(self, *, account_id: int | None = None, mailbox_id: int | None = None) -> Subscription:
@@ -502,15 +509,17 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
             address = normalise_address(address)
         except RunboxError:
             return None
-        async with connect(self._engine) as conn:
-            query = _select_all(m.Account).where(m.Account.address == address)
-            account = (await conn.execute(query)).one_or_none()
+
+        async def read(conn: AsyncConnection) -> LoginRecord | None:
+            account = (await conn.execute(_select_all(m.Account).where(m.Account.address == address))).one_or_none()
             if account is None:
                 return None
             rows = await conn.execute(_app_passwords_of(account.id))
             credentials = tuple(_credential(row) for row in rows)
-        return LoginRecord(account.id, account.address, account.password_hash, account.app_passwords_only,
-                           account.disabled, credentials)
+            return LoginRecord(account.id, account.address, account.password_hash, account.app_passwords_only,
+                               account.disabled, credentials)
+
+        return await self._read(read)
 
     async def update_password_hash(self, account_id: int, password_hash: str) -> None:
         """Store a rehashed password (new Argon2 parameters); a vanished account is ignored."""
@@ -529,16 +538,21 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     # --- mailboxes -------------------------------------------------------------------------
 
     async def list_mailboxes(self, account_id: int) -> list[Mailbox]:
-        async with connect(self._engine) as conn:
+        async def read(conn: AsyncConnection) -> list[Mailbox]:
             rows = await conn.execute(_select_all(m.Mailbox).where(m.Mailbox.account_id == account_id)
                                       .order_by(m.Mailbox.name != INBOX, m.Mailbox.name))
             return [_mailbox(row) for row in rows]
 
+        return await self._read(read, snapshot=False)
+
     async def get_mailbox(self, account_id: int, name: str) -> Mailbox:
         name = normalise_mailbox_name(name)
-        async with connect(self._engine) as conn:
+
+        async def read(conn: AsyncConnection) -> Row[Any] | None:
             query = _select_all(m.Mailbox).where(m.Mailbox.account_id == account_id, m.Mailbox.name == name)
-            row = (await conn.execute(query)).one_or_none()
+            return (await conn.execute(query)).one_or_none()
+
+        row = await self._read(read, snapshot=False)
         if row is None:
             raise NotFound(f"no such mailbox: {name}")
         return _mailbox(row)
@@ -582,12 +596,14 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         return await self._write(job)
 
     async def read_message(self, mailbox_id: int, uid: int) -> bytes:
-        async with connect(self._engine) as conn:
+        async def read(conn: AsyncConnection) -> bytes:
             blob_id = await conn.scalar(select(m.Message.blob_id)
                                         .where(m.Message.mailbox_id == mailbox_id, m.Message.uid == uid))
             if blob_id is None:
                 raise NotFound(f"no message with UID {uid} in mailbox {mailbox_id}")
             return await self._blobs.get(conn, blob_id)
+
+        return await self._read(read)
 
     async def list_messages(self, mailbox_id: int) -> list[MessageInfo]:
         """The mailbox's messages in UID order."""

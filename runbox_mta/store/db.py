@@ -64,8 +64,8 @@ MIGRATION_LOCK_KEY = 0x72756E626F78  # "runbox"
 # one (an aiosqlite thread plus its PRAGMAs) per lookup beyond the fifth.
 POOL_SIZE = 50
 POOL_OVERFLOW = 50
-# SQLite lookups run in asyncio's default executor, which has at most min(32, CPUs + 4) threads.
-LOOKUP_THREADS = 8
+# SQLite reads run in asyncio's default executor, which has at most min(32, CPUs + 4) threads.
+READ_THREADS = 8
 
 T = TypeVar("T")
 
@@ -113,13 +113,17 @@ def thread_writer(engine: AsyncEngine) -> Engine | None:
     return None if sync is None else sync.execution_options(**{WRITE_OPTION: True})
 
 
-def thread_lookups(engine: AsyncEngine) -> Engine | None:
-    """For SQLite, a synchronous engine for lookups made of independent statements (a
-    recipient, a sender's aliases), run whole in a worker thread: one trip for a
-    resolution instead of four per statement, and no BEGIN (each statement is its own
-    implicit transaction); None for other databases."""
-    sync = _thread_engine(engine, pool_size=LOOKUP_THREADS)
-    return None if sync is None else sync.execution_options(**{LOOKUP_OPTION: True})
+def thread_reads(engine: AsyncEngine) -> Engine | None:
+    """For SQLite, a synchronous engine for reads run whole in a worker thread: one trip for
+    all the statements of a read (and its BEGIN and COMMIT) instead of four per statement;
+    None for other databases. `lookups` of it runs each statement on its own."""
+    return _thread_engine(engine, pool_size=READ_THREADS)
+
+
+def lookups(engine: Engine) -> Engine:
+    """`engine` for lookups made of independent statements (a recipient, a sender's aliases):
+    no BEGIN, each statement is its own implicit transaction."""
+    return engine.execution_options(**{LOOKUP_OPTION: True})
 
 
 def _thread_engine(engine: AsyncEngine, pool_size: int) -> Engine | None:

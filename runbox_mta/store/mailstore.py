@@ -15,7 +15,7 @@ to look.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,7 +28,7 @@ from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
 from runbox_mta.store import models as m
 from runbox_mta.store.blobs import BlobStore
 from runbox_mta.store.changes import ChangeEvent, ChangeKind
-from runbox_mta.store.db import connect, in_chunks, scrub_freed_pages
+from runbox_mta.store.db import in_chunks, scrub_freed_pages
 from runbox_mta.store.flags import SYSTEM_FLAGS, decode_flags, encode_flags
 from runbox_mta.store.names import HIERARCHY_DELIMITER, INBOX, normalise_mailbox_name
 from runbox_mta.store.recipients import check_quota
@@ -129,12 +129,15 @@ class MailStore:
 
         async def _write(self, job: Job[T]) -> T: ...
 
+        async def _read(self, read: Callable[[AsyncConnection], Awaitable[T]], *, snapshot: bool = True) -> T: ...
+
     # --- reading --------------------------------------------------------------------------
 
     async def snapshot(self, account_id: int, name: str) -> Snapshot:
         """The mailbox's counters and UIDs, read in one transaction so they agree."""
         name = normalise_mailbox_name(name)
-        async with connect(self._engine) as conn, conn.begin():
+
+        async def read(conn: AsyncConnection) -> Snapshot:
             box = (await conn.execute(
                 select(m.Mailbox.id, m.Mailbox.name, m.Mailbox.uidvalidity, m.Mailbox.uidnext,
                        m.Mailbox.highestmodseq)
@@ -144,24 +147,13 @@ class MailStore:
             uids = await _all_uids(conn, box.id)
             keyword_rows = await conn.scalars(select(m.Message.keywords).distinct().where(
                 m.Message.mailbox_id == box.id, m.Message.keywords != ""))
-        keywords = frozenset(word for text in keyword_rows for word in text.split())
-        return Snapshot(box.id, box.name, box.uidvalidity, box.uidnext, box.highestmodseq, uids, keywords)
+            keywords = frozenset(word for text in keyword_rows for word in text.split())
+            return Snapshot(box.id, box.name, box.uidvalidity, box.uidnext, box.highestmodseq, uids, keywords)
+
+        return await self._read(read)
 
     async def changes_since(self, mailbox_id: int, modseq: int) -> Changes:
-        async with connect(self._engine) as conn, conn.begin():
-            box = (await conn.execute(select(m.Mailbox.highestmodseq, m.Mailbox.uidnext)
-                                      .where(m.Mailbox.id == mailbox_id))).one_or_none()
-            if box is None:
-                raise NotFound(f"no such mailbox id: {mailbox_id}")
-            if box.highestmodseq <= modseq:
-                return Changes(box.highestmodseq, box.uidnext, (), ())
-            rows = (await conn.execute(
-                select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
-                .where(m.Message.mailbox_id == mailbox_id, m.Message.modseq > modseq).order_by(m.Message.uid)
-            )).all()
-            expunged = await conn.scalars(select(m.Expunged.uid).where(
-                m.Expunged.mailbox_id == mailbox_id, m.Expunged.modseq > modseq).order_by(m.Expunged.uid))
-            return Changes(box.highestmodseq, box.uidnext, tuple(_change(row) for row in rows), tuple(expunged))
+        return await self._read(lambda conn: _changes_since(conn, mailbox_id, modseq))
 
     async def message_rows(self, mailbox_id: int, uids: Sequence[int], *, data: bool, structure: bool = True,
                            header: bool = False, changedsince: int | None = None) -> list[MessageRow]:
@@ -179,23 +171,27 @@ class MailStore:
                                 else_=null()).label("data"))
         if header:
             columns.append(m.Blob.search_header)
-        rows: list[Row[Any]] = []
-        async with connect(self._engine) as conn:
+
+        async def read(conn: AsyncConnection) -> list[MessageRow]:
+            rows: list[Row[Any]] = []
             for chunk in in_chunks(uids):
                 query = (select(*columns).join(m.Blob, m.Blob.id == m.Message.blob_id)
                          .where(m.Message.mailbox_id == mailbox_id, m.Message.uid.in_(chunk)))
                 if changedsince is not None:
                     query = query.where(m.Message.modseq > changedsince)
                 rows += (await conn.execute(query.order_by(m.Message.uid))).all()
-        return [MessageRow(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords),
-                           _internal_date(row), row.size, row.parsed, row.data if data or header else None,
-                           row.search_header if header else None)
-                for row in rows]
+            return [MessageRow(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords),
+                               _internal_date(row), row.size, row.parsed, row.data if data or header else None,
+                               row.search_header if header else None)
+                    for row in rows]
+
+        return await self._read(read)
 
     async def mailbox_counts(self, mailbox_id: int) -> MailboxCounts:
         """STATUS numbers (RFC 9051 §6.3.11) in one aggregate query."""
-        async with connect(self._engine) as conn:
-            row = (await conn.execute(select(
+
+        async def read(conn: AsyncConnection) -> Row[Any]:
+            return (await conn.execute(select(
                 func.count(),
                 func.coalesce(func.sum(case(((m.Message.system_flags.op("&")(_SEEN)) == 0, 1), else_=0)), 0),
                 func.coalesce(func.sum(case(((m.Message.system_flags.op("&")(_DELETED)) != 0, 1), else_=0)), 0),
@@ -203,7 +199,8 @@ class MailStore:
                 cast(func.coalesce(func.sum(case(((m.Message.system_flags.op("&")(_DELETED)) != 0, m.Message.size),
                                                  else_=0)), 0), BigInteger),
             ).where(m.Message.mailbox_id == mailbox_id))).one()
-        return MailboxCounts(*(int(value) for value in row))
+
+        return MailboxCounts(*(int(value) for value in await self._read(read, snapshot=False)))
 
     # --- writing --------------------------------------------------------------------------
 
@@ -394,6 +391,22 @@ def _apply(mode: str, bits: int, words: set[str], add_bits: int, add_words: set[
     else:
         bits, words = add_bits, set(add_words)
     return bits, " ".join(sorted(words))
+
+
+async def _changes_since(conn: AsyncConnection, mailbox_id: int, modseq: int) -> Changes:
+    box = (await conn.execute(select(m.Mailbox.highestmodseq, m.Mailbox.uidnext)
+                              .where(m.Mailbox.id == mailbox_id))).one_or_none()
+    if box is None:
+        raise NotFound(f"no such mailbox id: {mailbox_id}")
+    if box.highestmodseq <= modseq:
+        return Changes(box.highestmodseq, box.uidnext, (), ())
+    rows = (await conn.execute(
+        select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
+        .where(m.Message.mailbox_id == mailbox_id, m.Message.modseq > modseq).order_by(m.Message.uid)
+    )).all()
+    expunged = await conn.scalars(select(m.Expunged.uid).where(
+        m.Expunged.mailbox_id == mailbox_id, m.Expunged.modseq > modseq).order_by(m.Expunged.uid))
+    return Changes(box.highestmodseq, box.uidnext, tuple(_change(row) for row in rows), tuple(expunged))
 
 
 def _change(row: Row[Any]) -> FlagChange:
