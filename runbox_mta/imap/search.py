@@ -1,8 +1,8 @@
 """SEARCH evaluation: does one message match a search-key tree (RFC 9051 §6.4.4)?
 
-Pure: the session loads the rows (with the stored searchable header when
-`needs_header(key)`, with the message bytes only when `needs_body(key)`),
-this module decides. String matching is a case-insensitive substring test
+Pure: the session loads the candidates (with the stored searchable header,
+with the message bytes only when `needs_body(key)`; the store's SQL has
+already left out messages that cannot match), this module decides. String matching is a case-insensitive substring test
 on decoded text (RFC 2047 headers, the transfer encoding and charset of
 text parts undone), as RFC 9051 §6.4.4 allows. Header keys match the
 stored form of search_text; body keys parse the message, at most once per
@@ -25,12 +25,6 @@ from runbox_mta.imap.search_keys import (
 )
 from runbox_mta.imap.search_text import field_contains, field_values, searchable_header
 from runbox_mta.store.mailstore import MessageRow
-
-def needs_header(key: SearchKey) -> bool:
-    """Whether evaluating `key` reads header fields (the stored searchable header)."""
-    return any(isinstance(inner, (HeaderContains, TextContains)) or (isinstance(inner, DateKey) and inner.sent)
-               for inner in _walk(key))
-
 
 def needs_body(key: SearchKey) -> bool:
     """Whether evaluating `key` reads the message bytes (its body text)."""

@@ -23,7 +23,7 @@ from runbox_mta.imap.dates import format_date_time
 from runbox_mta.imap.fetch import UnknownCte, needs_data, render_fetch_item, sets_seen
 from runbox_mta.imap.mime import MessageStructure, parse_structure
 from runbox_mta.imap.responses import flag_list, status, untagged
-from runbox_mta.imap.search import Candidate, Scope, matches, needs_body, needs_header, uses_modseq
+from runbox_mta.imap.search import Candidate, Scope, matches, needs_body, uses_modseq
 from runbox_mta.imap.sequence import format_uid_set
 from runbox_mta.imap.session_state import Authenticated, MailboxGone, MailboxView, Refused, Selected
 from runbox_mta.store.blobs import STRUCTURE_KEY
@@ -328,16 +328,25 @@ class MessageCommands(_Base):
         await self.done(command.tag, "SEARCH completed.", expunges=command.uid, uid=command.uid)
 
     async def _matching(self, view: MailboxView, command: c.Search) -> tuple[list[int], int | None]:
-        """The matching numbers (UIDs for UID SEARCH), and their highest MODSEQ when the key names MODSEQ."""
-        with_body = needs_body(command.key)
-        batch = FETCH_BATCH_WITH_DATA if with_body else FETCH_BATCH
-        scope = Scope(len(view.uids), view.uids[-1] if view.uids else 0, frozenset(view.saved))
+        """The matching numbers (UIDs for UID SEARCH), and their highest MODSEQ when the key names MODSEQ.
+        Messages the view does not have yet (not announced) or no more (expunged) never match."""
+        store = self.services.store
         found: list[int] = []
         modseq = 0
-        for start in range(0, len(view.uids), batch):
-            rows = await self.services.store.message_rows(view.mailbox_id, view.uids[start:start + batch],
-                                                           data=with_body, structure=False,
-                                                           header=needs_header(command.key))
+        exact = await store.search_uids(view.mailbox_id, command.key)
+        if exact is not None:  # the database decided it: flags, sizes, internal dates, MODSEQ
+            for uid, row_modseq in exact:
+                number = view.number(uid)
+                if number is not None:
+                    found.append(uid if command.uid else number)
+                    modseq = max(modseq, row_modseq)
+            return found, modseq if uses_modseq(command.key) else None
+        with_body = needs_body(command.key)
+        scope = Scope(len(view.uids), view.uids[-1] if view.uids else 0, frozenset(view.saved))
+        after = 0
+        while rows := await store.search_candidates(view.mailbox_id, command.key, after_uid=after, data=with_body,
+                                                    limit=FETCH_BATCH_WITH_DATA if with_body else FETCH_BATCH):
+            after = rows[-1].uid
             candidates = [Candidate(number, row) for row in rows if (number := view.number(row.uid)) is not None]
             # Rows with data are parsed: their body is searched, or their header was not stored.
             parsed = [row for row in rows if row.data is not None]

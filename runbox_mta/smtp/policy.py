@@ -7,7 +7,6 @@ No I/O here, so a table test can pin every decision down; the aiosmtpd hooks
 from __future__ import annotations
 
 import enum
-import re
 
 from runbox_mta.smtp import codes
 from runbox_mta.smtp.address import NULL_REVERSE_PATH, needs_smtputf8, normalised, usable

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import BigInteger, Row, bindparam, case, cast, delete, func, insert, null, select, update
+from sqlalchemy import BigInteger, Row, Select, bindparam, case, cast, delete, func, insert, null, select, update
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
+from runbox_mta.imap.search_keys import SearchKey
 from runbox_mta.store import models as m
+from runbox_mta.store import search
 from runbox_mta.store.blobs import BlobStore
 from runbox_mta.store.changes import ChangeEvent, ChangeKind
 from runbox_mta.store.db import in_chunks, scrub_freed_pages
@@ -156,36 +158,50 @@ class MailStore:
         return await self._read(lambda conn: _changes_since(conn, mailbox_id, modseq))
 
     async def message_rows(self, mailbox_id: int, uids: Sequence[int], *, data: bool, structure: bool = True,
-                           header: bool = False, changedsince: int | None = None) -> list[MessageRow]:
-        """The messages among `uids` (ascending) that still exist, optionally with their bytes,
-        (`structure`) their parsed metadata, decoding which was half the CPU of a FETCH FLAGS,
-        and (`header`) their searchable header; for a message stored without one, the start of its
-        bytes instead, as `data`."""
-        columns = [m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords,
-                   m.Message.internal_date, m.Message.internal_date_offset, m.Message.size,
-                   m.Blob.parsed if structure else null().label("parsed")]
-        if data:
-            columns.append(m.Blob.data)
-        elif header:  # the start of the bytes, where the header is, only of blobs without one stored
-            columns.append(case((m.Blob.search_header.is_(None), func.substr(m.Blob.data, 1, UNSTORED_HEADER_LIMIT)),
-                                else_=null()).label("data"))
-        if header:
-            columns.append(m.Blob.search_header)
+                           changedsince: int | None = None) -> list[MessageRow]:
+        """The messages among `uids` (ascending) that still exist, optionally with their bytes and
+        (`structure`) their parsed metadata: decoding that JSON was half the CPU of a FETCH FLAGS."""
+        base = _row_query(data=data, structure=structure, header=False).where(m.Message.mailbox_id == mailbox_id)
+        if changedsince is not None:
+            base = base.where(m.Message.modseq > changedsince)
 
         async def read(conn: AsyncConnection) -> list[MessageRow]:
             rows: list[Row[Any]] = []
             for chunk in in_chunks(uids):
-                query = (select(*columns).join(m.Blob, m.Blob.id == m.Message.blob_id)
-                         .where(m.Message.mailbox_id == mailbox_id, m.Message.uid.in_(chunk)))
-                if changedsince is not None:
-                    query = query.where(m.Message.modseq > changedsince)
-                rows += (await conn.execute(query.order_by(m.Message.uid))).all()
-            return [MessageRow(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords),
-                               _internal_date(row), row.size, row.parsed, row.data if data or header else None,
-                               row.search_header if header else None)
-                    for row in rows]
+                rows += (await conn.execute(base.where(m.Message.uid.in_(chunk)))).all()
+            return [_message_row(row) for row in rows]
 
         return await self._read(read)
+
+    async def search_uids(self, mailbox_id: int, key: SearchKey) -> list[tuple[int, int]] | None:
+        """(UID, MODSEQ) of every message matching `key`, ascending, if SQL decides `key` exactly
+        (flags, sizes, internal dates, MODSEQ; see search.py); None if it cannot."""
+        found = search.condition(key)
+        if found is None or not found.exact:
+            return None
+        query = (select(m.Message.uid, m.Message.modseq)
+                 .where(m.Message.mailbox_id == mailbox_id, found.condition).order_by(m.Message.uid))
+
+        async def read(conn: AsyncConnection) -> list[tuple[int, int]]:
+            return [(uid, modseq) for uid, modseq in await conn.execute(query)]
+
+        return await self._read(read, snapshot=False)
+
+    async def search_candidates(self, mailbox_id: int, key: SearchKey, *, after_uid: int, limit: int,
+                                data: bool) -> list[MessageRow]:
+        """Up to `limit` messages with UIDs above `after_uid`, ascending, that may match `key` (SQL
+        leaves out those that cannot), with their searchable header: for a message stored without
+        one, the start of its bytes as `data` instead; with all their bytes if `data`."""
+        query = (_row_query(data=data, structure=False, header=True)
+                 .where(m.Message.mailbox_id == mailbox_id, m.Message.uid > after_uid).limit(limit))
+        found = search.condition(key)
+        if found is not None:
+            query = query.where(found.condition)
+
+        async def read(conn: AsyncConnection) -> list[MessageRow]:
+            return [_message_row(row) for row in await conn.execute(query)]
+
+        return await self._read(read, snapshot=False)
 
     async def mailbox_counts(self, mailbox_id: int) -> MailboxCounts:
         """STATUS numbers (RFC 9051 §6.3.11) in one aggregate query."""
@@ -411,6 +427,27 @@ async def _changes_since(conn: AsyncConnection, mailbox_id: int, modseq: int) ->
 
 def _change(row: Row[Any]) -> FlagChange:
     return FlagChange(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords))
+
+
+def _row_query(*, data: bool, structure: bool, header: bool) -> Select[Any]:
+    """Messages joined to their blobs, in UID order, with the columns of a MessageRow."""
+    columns = [m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords,
+               m.Message.internal_date, m.Message.internal_date_offset, m.Message.size,
+               m.Blob.parsed if structure else null().label("parsed")]
+    if data:
+        columns.append(m.Blob.data)
+    elif header:  # the start of the bytes, where the header is, only of blobs without one stored
+        columns.append(case((m.Blob.search_header.is_(None), func.substr(m.Blob.data, 1, UNSTORED_HEADER_LIMIT)),
+                            else_=null()).label("data"))
+    else:
+        columns.append(null().label("data"))
+    columns.append(m.Blob.search_header if header else null().label("search_header"))
+    return select(*columns).join(m.Blob, m.Blob.id == m.Message.blob_id).order_by(m.Message.uid)
+
+
+def _message_row(row: Row[Any]) -> MessageRow:
+    return MessageRow(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords), _internal_date(row),
+                      row.size, row.parsed, row.data, row.search_header)
 
 
 def _internal_date(row: Row[Any]) -> datetime:
