@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from random import Random
 
 import pytest
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import event, func, insert, select, update
 
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
 from runbox_mta.imap.search import Candidate, Scope, matches, needs_body
@@ -248,3 +249,40 @@ async def test_sql_search_agrees_with_the_python_evaluation(store):
     assert 0 < len(narrowed) < 60  # ... on the messages SQL found the word in
     assert [row.uid for row in await store.search_candidates(inbox, search_key("ALL"), after_uid=50, limit=4,
                                                              data=False)] == [51, 52, 53, 54]
+
+
+def count_reads(store: Store) -> list[int]:
+    """A counter of the statements that read the messages table (IMAP reads; not the writes)."""
+    counter = [0]
+
+    def count(conn, cursor, statement, *rest):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT") and "FROM mailboxes" in statement:
+            counter[0] += 1
+
+    event.listen(store.lookup_engine, "before_cursor_execute", count)
+    return counter
+
+
+async def test_concurrent_identical_changes_reads_share_one_query(store):
+    _, inbox = await inbox_with(store, 2)
+    reads = count_reads(store)
+    results = await asyncio.gather(*(store.changes_since(inbox, 0) for _ in range(200)))
+    assert reads[0] == 1 and len({result.changed for result in results}) == 1
+    await store.append(inbox, MESSAGE)  # a commit: the next read is a new one, and sees it
+    assert [change.uid for change in (await store.changes_since(inbox, 0)).changed] == [1, 2, 3]
+    assert reads[0] == 2
+
+
+async def test_a_changes_read_begun_before_a_publish_is_not_shared_after_it(store):
+    _, inbox = await inbox_with(store, 1)
+    reads = count_reads(store)
+    first = asyncio.ensure_future(store.changes_since(inbox, 0))
+    await asyncio.sleep(0)  # its read is under way
+    store._changes.publish([])  # as the committer does after a COMMIT
+    second = asyncio.ensure_future(store.changes_since(inbox, 0))
+    await asyncio.gather(first, second)
+    assert reads[0] == 2
+    first_again = asyncio.ensure_future(store.changes_since(inbox, 0))
+    await asyncio.sleep(0)
+    first_again.cancel()  # one caller giving up leaves the shared read to the others
+    assert (await store.changes_since(inbox, 0)).highestmodseq > 0

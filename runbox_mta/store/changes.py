@@ -98,6 +98,8 @@ class ChangeBus:
     def __init__(self, max_pending: int = MAX_PENDING_EVENTS) -> None:
         self._max_pending = max_pending
         self._subscribers: defaultdict[tuple[str, int | None], set[Subscription]] = defaultdict(set)
+        # Bumped by every publish: a read begun at this value has seen every change published so far.
+        self.generation = 0
 
     def subscribe(self, *, account_id: int | None = None, mailbox_id: int | None = None) -> Subscription:
         """Subscribe to one mailbox, one account, or (neither given) every change."""
@@ -128,6 +130,7 @@ class ChangeBus:
 
     def publish(self, events: Iterable[ChangeEvent]) -> None:
         """Hand committed events to their subscribers; call only after COMMIT returned."""
+        self.generation += 1
         for event in events:
             for key in (("mailbox", event.mailbox_id), ("account", event.account_id), ("all", None)):
                 for subscription in self._subscribers.get(key, ()):

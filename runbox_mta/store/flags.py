@@ -8,6 +8,7 @@ and space separated in messages.keywords (an IMAP atom cannot contain a space).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 
 # The system flags that persist (\Recent is per session, and gone in IMAP4rev2).
 SYSTEM_FLAGS = {"\\Seen": 1, "\\Answered": 2, "\\Flagged": 4, "\\Deleted": 8, "\\Draft": 16}
@@ -31,6 +32,8 @@ def encode_flags(flags: Iterable[str]) -> tuple[int, str]:
     return bits, " ".join(sorted(keywords))
 
 
+@lru_cache(maxsize=4096)
 def decode_flags(bits: int, keywords: str) -> frozenset[str]:
-    """Canonical system flag names and the keywords, as one set."""
+    """Canonical system flag names and the keywords, as one set. A mailbox has few distinct
+    combinations and FETCH FLAGS decodes one per message: they are remembered."""
     return frozenset([name for name, bit in SYSTEM_FLAGS.items() if bits & bit] + keywords.split())

@@ -15,8 +15,10 @@ to look.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,7 +31,7 @@ from runbox_mta.imap.search_keys import SearchKey
 from runbox_mta.store import models as m
 from runbox_mta.store import search
 from runbox_mta.store.blobs import BlobStore
-from runbox_mta.store.changes import ChangeEvent, ChangeKind
+from runbox_mta.store.changes import ChangeBus, ChangeEvent, ChangeKind
 from runbox_mta.store.db import in_chunks, scrub_freed_pages
 from runbox_mta.store.flags import SYSTEM_FLAGS, decode_flags, encode_flags
 from runbox_mta.store.names import HIERARCHY_DELIMITER, INBOX, normalise_mailbox_name
@@ -128,6 +130,8 @@ class MailStore:
     if TYPE_CHECKING:
         _engine: AsyncEngine
         _blobs: BlobStore
+        _changes: ChangeBus
+        _changes_reads: dict[tuple[int, int], tuple[int, asyncio.Future[Changes]]]
 
         async def _write(self, job: Job[T]) -> T: ...
 
@@ -155,7 +159,24 @@ class MailStore:
         return await self._read(read)
 
     async def changes_since(self, mailbox_id: int, modseq: int) -> Changes:
-        return await self._read(lambda conn: _changes_since(conn, mailbox_id, modseq))
+        """What changed in the mailbox after `modseq`. Callers asking the same while that read is
+        under way share it if nothing was published since it began (it then sees all they know
+        of): one APPEND wakes every IDLE session on the mailbox, and they make one query, not
+        one each."""
+        key = (mailbox_id, modseq)
+        shared = self._changes_reads.get(key)
+        if shared is None or shared[0] != self._changes.generation:
+            task = asyncio.ensure_future(self._read(lambda conn: _changes_since(conn, mailbox_id, modseq)))
+            shared = self._changes_reads[key] = (self._changes.generation, task)
+            task.add_done_callback(lambda done: self._forget_changes_read(key, done))
+        return await asyncio.shield(shared[1])  # one caller giving up does not cancel the others' read
+
+    def _forget_changes_read(self, key: tuple[int, int], done: asyncio.Future[Changes]) -> None:
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every caller may have given up
+        shared = self._changes_reads.get(key)
+        if shared is not None and shared[1] is done:
+            del self._changes_reads[key]
 
     async def message_rows(self, mailbox_id: int, uids: Sequence[int], *, data: bool, structure: bool = True,
                            changedsince: int | None = None) -> list[MessageRow]:
@@ -451,7 +472,12 @@ def _message_row(row: Row[Any]) -> MessageRow:
 
 
 def _internal_date(row: Row[Any]) -> datetime:
-    return row.internal_date.astimezone(timezone(timedelta(minutes=row.internal_date_offset)))
+    return row.internal_date.astimezone(_zone(row.internal_date_offset))
+
+
+@lru_cache(maxsize=256)
+def _zone(minutes: int) -> timezone:
+    return timezone(timedelta(minutes=minutes))
 
 
 async def _copy_rows(conn: AsyncConnection, events: list[ChangeEvent], source_id: int, uids: Sequence[int],
