@@ -597,10 +597,14 @@ def test_compress_deflate(daemon, tls_client):
     deflate, inflate = zlib.compressobj(wbits=-15), zlib.decompressobj(-15)
     raw.send(b"c COMPRESS DEFLATE\r\n" + deflate.compress(b"s SELECT INBOX\r\n") + deflate.flush(zlib.Z_SYNC_FLUSH))
     expect(raw.until(b"c"), [r"c OK DEFLATE active\."])
-    received = b""
+    received = compressed = b""
     while b"s OK" not in received:
-        received += inflate.decompress(raw.sock.recv(65536))
+        chunk = raw.sock.recv(65536)
+        compressed += chunk
+        received += inflate.decompress(chunk)
     assert b"* 3 EXISTS\r\n" in received
+    # SELECT's eight lines went out as one write: one sync flush (an empty stored block), not eight.
+    assert received.count(b"\r\n") == 8 and compressed.count(b"\x00\x00\xff\xff") == 1
     raw.sock.sendall(deflate.compress(b"f FETCH 1 BODY.PEEK[]\r\nz COMPRESS DEFLATE\r\n")
                      + deflate.flush(zlib.Z_SYNC_FLUSH))
     received = b""

@@ -37,6 +37,8 @@ SHUTDOWN_REPLY = status("BYE", "Server shutting down.", "UNAVAILABLE")
 CONTINUE_LITERAL = b"+ Ready for literal data\r\n"  # RFC 9051 §7.5
 GOODBYE_TIMEOUT = 1.0
 READ_SIZE = 65536
+# Responses are queued up to this size between writes to the connection (see send).
+SEND_BATCH = 64 * 1024
 # Inflated input is fed to the receiver this much at a time (it enforces the limits).
 INFLATE_CHUNK = 256 * 1024
 
@@ -72,6 +74,8 @@ class ImapConnection:
         self._deflate: zlib._Compress | None = None
         self._inflate: zlib._Decompress | None = None
         self._compressed = b""  # received, not yet inflated
+        self._unsent: list[bytes] = []  # see send
+        self._unsent_size = 0
 
     async def run(self) -> None:
         try:
@@ -113,6 +117,7 @@ class ImapConnection:
             # No await between the OK and start_tls (see Connection.start_tls);
             # pipelined plaintext is discarded (RFC 9051 §6.2.1, CVE-2011-0411).
             self.receiver.take_pending()
+            self._write_unsent()  # the OK, in plaintext
             try:
                 await self.conn.start_tls(self.services.tls.server_context())
             except asyncio.TimeoutError:
@@ -205,6 +210,19 @@ class ImapConnection:
     # --- the byte stream, deflated after COMPRESS (RFC 4978) -----------------------------------
 
     def send(self, data: bytes) -> None:
+        """Queue `data`; `drain` (after every command) sends what is queued as one write: one TLS
+        record for a FETCH's hundred lines rather than a hundred, each with its own encryption."""
+        self._unsent.append(data)
+        self._unsent_size += len(data)
+        if self._unsent_size >= SEND_BATCH:
+            self._write_unsent()
+
+    def _write_unsent(self) -> None:
+        if not self._unsent:
+            return
+        data = b"".join(self._unsent)
+        self._unsent.clear()
+        self._unsent_size = 0
         if self._deflate is not None:
             # A sync flush per write: the client must see each response without waiting for more.
             data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
@@ -238,6 +256,7 @@ class ImapConnection:
         self.receive(pending)
 
     async def drain(self) -> None:
+        self._write_unsent()
         # A client that stops reading is as idle as one that stops writing.
         try:
             async with asyncio.timeout(self.session.timeout):
@@ -248,5 +267,6 @@ class ImapConnection:
     async def _goodbye(self, reply: bytes) -> None:
         with contextlib.suppress(OSError, asyncio.TimeoutError, RuntimeError):
             self.send(reply)
+            self._write_unsent()
             await asyncio.wait_for(self.conn.writer.drain(), GOODBYE_TIMEOUT)
 
