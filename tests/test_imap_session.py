@@ -47,6 +47,7 @@ def test_view_select_refuses_a_number_past_the_end():
 def test_view_numbers():
     mailbox = view([3, 5, 9])
     assert [mailbox.number(uid) for uid in (3, 5, 9, 4, 10)] == [1, 2, 3, None, None]
+    assert mailbox.numbers([1, 3, 4, 9, 10]) == [1, 3] and mailbox.numbers([]) == []
 
 
 @pytest.mark.parametrize("reference, pattern, name, expected", [

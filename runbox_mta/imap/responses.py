@@ -8,6 +8,7 @@ needs no escaping; strings and mailbox names do.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 
 from runbox_mta.imap import utf7
 
@@ -42,6 +43,10 @@ def mailbox_name(name: str, utf8: bool) -> str:
 
 def flag_list(flags: Iterable[str]) -> str:
     """System flags first in their usual order, then keywords sorted: stable transcripts."""
-    chosen = set(flags)
-    ordered = [flag for flag in SYSTEM_FLAGS if flag in chosen] + sorted(chosen - set(SYSTEM_FLAGS))
+    return _flag_list(flags if isinstance(flags, frozenset) else frozenset(flags))
+
+
+@lru_cache(maxsize=1024)  # FETCH FLAGS formats the same few sets over and over
+def _flag_list(flags: frozenset[str]) -> str:
+    ordered = [flag for flag in SYSTEM_FLAGS if flag in flags] + sorted(flags - set(SYSTEM_FLAGS))
     return "(" + " ".join(ordered) + ")"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from email.message import EmailMessage
 from functools import cached_property
@@ -60,10 +60,10 @@ class Scope:
 class Candidate:
     number: int
     row: MessageRow
-    _flags: frozenset[str] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self._flags = frozenset(flag.lower() for flag in self.row.flags)  # RFC 9051 §2.3.2: case-insensitive
+    @cached_property
+    def _flags(self) -> frozenset[str]:
+        return frozenset(flag.lower() for flag in self.row.flags)  # RFC 9051 §2.3.2: case-insensitive
 
     def has_flag(self, flag: str) -> bool:
         return flag.lower() in self._flags

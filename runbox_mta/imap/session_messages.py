@@ -174,7 +174,9 @@ class MessageCommands(_Base):
         await self.done(command.tag, "EXPUNGE completed.", uid=command.uid_set is not None)  # sync announces them
 
     async def _deleted_uids(self, view: MailboxView, uids: Sequence[int]) -> list[int]:
-        deleted = await self.services.store.search_uids(view.mailbox_id, HasFlag("\\Deleted"))
+        if not uids:
+            return []
+        deleted = await self.services.store.search_uids(view.mailbox_id, HasFlag("\\Deleted"), up_to_uid=max(uids))
         assert deleted is not None  # a system flag is decided by SQL
         wanted = set(uids)
         return [uid for uid, _ in deleted if uid in wanted]
@@ -336,13 +338,12 @@ class MessageCommands(_Base):
         store = self.services.store
         found: list[int] = []
         modseq = 0
-        exact = await store.search_uids(view.mailbox_id, command.key)
+        # Up to the view's last UID: every message stored up to it is in the view (UIDs are
+        # committed in order), and those after it are not announced yet.
+        exact = await store.search_uids(view.mailbox_id, command.key, up_to_uid=view.uids[-1] if view.uids else 0)
         if exact is not None:  # the database decided it: flags, sizes, internal dates, MODSEQ
-            for uid, row_modseq in exact:
-                number = view.number(uid)
-                if number is not None:
-                    found.append(uid if command.uid else number)
-                    modseq = max(modseq, row_modseq)
+            found = [uid for uid, _ in exact] if command.uid else view.numbers(uid for uid, _ in exact)
+            modseq = max((row_modseq for _, row_modseq in exact), default=0)
             return found, modseq if uses_modseq(command.key) else None
         with_body = needs_body(command.key)
         scope = Scope(len(view.uids), view.uids[-1] if view.uids else 0, frozenset(view.saved))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from bisect import bisect_left
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,6 +48,15 @@ class MailboxView:
     def number(self, uid: int) -> int | None:
         index = bisect_left(self.uids, uid)
         return index + 1 if index < len(self.uids) and self.uids[index] == uid else None
+
+    def numbers(self, uids: Iterable[int]) -> list[int]:
+        """The message numbers of those of `uids` (ascending) in the view."""
+        found, start, size = [], 0, len(self.uids)
+        for uid in uids:
+            start = bisect_left(self.uids, uid, start)
+            if start < size and self.uids[start] == uid:
+                found.append(start + 1)
+        return found
 
     def select(self, sequence_set: SequenceSet, uid: bool) -> list[int]:
         """The UIDs a sequence set names; Refused (BAD) for a message number past the end."""

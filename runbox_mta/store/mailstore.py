@@ -194,17 +194,18 @@ class MailStore:
 
         return await self._read(read)
 
-    async def search_uids(self, mailbox_id: int, key: SearchKey) -> list[tuple[int, int]] | None:
-        """(UID, MODSEQ) of every message matching `key`, ascending, if SQL decides `key` exactly
-        (flags, sizes, internal dates, MODSEQ; see search.py); None if it cannot."""
+    async def search_uids(self, mailbox_id: int, key: SearchKey, up_to_uid: int) -> Sequence[tuple[int, int]] | None:
+        """(UID, MODSEQ) of every message up to `up_to_uid` matching `key`, ascending, if SQL decides
+        `key` exactly (flags, sizes, internal dates, MODSEQ; see search.py); None if it cannot."""
         found = search.condition(key)
         if found is None or not found.exact:
             return None
         query = (select(m.Message.uid, m.Message.modseq)
-                 .where(m.Message.mailbox_id == mailbox_id, found.condition).order_by(m.Message.uid))
+                 .where(m.Message.mailbox_id == mailbox_id, m.Message.uid <= up_to_uid, found.condition)
+                 .order_by(m.Message.uid))
 
-        async def read(conn: AsyncConnection) -> list[tuple[int, int]]:
-            return [(uid, modseq) for uid, modseq in await conn.execute(query)]
+        async def read(conn: AsyncConnection) -> Sequence[tuple[int, int]]:
+            return (await conn.execute(query)).all()
 
         return await self._read(read, snapshot=False)
 
@@ -415,7 +416,7 @@ async def _all_uids(conn: AsyncConnection, mailbox_id: int) -> list[int]:
     else:
         ordered = select(m.Message.uid).where(m.Message.mailbox_id == mailbox_id).order_by(m.Message.uid).subquery()
         text = await conn.scalar(select(func.group_concat(ordered.c.uid)))
-        uids = [int(uid) for uid in text.split(",")] if text else []
+        uids = list(map(int, text.split(","))) if text else []
     uids.sort()  # already in order (linear then); SQLite does not promise group_concat's order
     return uids
 
