@@ -265,7 +265,7 @@ def head_revision() -> str:
 
 async def upgrade_schema(url: str) -> None:
     """Create the schema or migrate it to head, in one transaction; a no-op at head."""
-    engine = create_engine(url)
+    engine = migration_engine(url)
     try:
         async with connect(writer(engine)) as conn, conn.begin():
             if conn.dialect.name == "postgresql":
@@ -275,10 +275,33 @@ async def upgrade_schema(url: str) -> None:
         await engine.dispose()
 
 
+def migration_engine(url: str) -> AsyncEngine:
+    """The engine migrations run on. SQLite does not enforce foreign keys during a migration:
+    rebuilding a table (create, copy, drop, rename: SQLite's own procedure for what ALTER TABLE
+    cannot do) would otherwise fail at the drop. `check_references` runs before COMMIT instead."""
+    engine = create_engine(url)
+    if engine.url.get_backend_name() == "sqlite":
+        event.listen(engine.sync_engine, "connect", _foreign_keys_off)
+    return engine
+
+
+def _foreign_keys_off(dbapi_connection: Any, connection_record: Any) -> None:
+    dbapi_connection.execute("PRAGMA foreign_keys = OFF")
+
+
+def check_references(connection: Connection) -> None:
+    """On SQLite, refuse (and so roll back) a migration that left a reference dangling."""
+    if connection.dialect.name == "sqlite":
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RunboxError(f"the migration would leave {len(broken)} broken references; nothing was changed")
+
+
 def _upgrade(connection: Connection) -> None:
     config = _alembic_config()
     config.attributes["connection"] = connection  # env.py runs on this connection
     command.upgrade(config, "head")
+    check_references(connection)
 
 
 async def schema_status(url: str) -> tuple[str | None, str]:

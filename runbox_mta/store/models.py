@@ -136,11 +136,12 @@ class Blob(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
     # Parsed once at delivery: sizes, and the MIME structure behind ENVELOPE and BODYSTRUCTURE.
     parsed: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # imap.search_text's form of the header, for SEARCH; NULL for queue copies and older blobs.
     search_header: Mapped[str | None] = mapped_column(Text)
+    # Last: SQLite reads the columns after a large value through its overflow pages.
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Message(Base):
