@@ -15,7 +15,9 @@ from runbox_mta.imap.search import Candidate, Scope, matches, needs_body
 from runbox_mta.imap.search_keys import SearchKey, parse_search_program
 from runbox_mta.imap.syntax import Reader
 from runbox_mta.imap.wire import RawCommand
-from runbox_mta.store import ChangeKind, QuotaExceeded, Store
+from runbox_mta.store import ChangeKind, QuotaExceeded, Store, mailstore, open_store
+from runbox_mta.store.changes import ChangeEvent
+from runbox_mta.store.mailstore import Changes
 from runbox_mta.store import models as m
 from runbox_mta.store.blobs import STRUCTURE_KEY
 
@@ -279,7 +281,7 @@ async def test_a_changes_read_begun_before_a_publish_is_not_shared_after_it(stor
     reads = count_reads(store)
     first = asyncio.ensure_future(store.changes_since(inbox, 0))
     await asyncio.sleep(0)  # its read is under way
-    store._changes.publish([])  # as the committer does after a COMMIT
+    store._changes.publish([ChangeEvent(1, inbox, 0, 0, ChangeKind.RESYNC)])  # as after a COMMIT
     second = asyncio.ensure_future(store.changes_since(inbox, 0))
     await asyncio.gather(first, second)
     assert reads[0] == 2
@@ -287,3 +289,20 @@ async def test_a_changes_read_begun_before_a_publish_is_not_shared_after_it(stor
     await asyncio.sleep(0)
     first_again.cancel()  # one caller giving up leaves the shared read to the others
     assert (await store.changes_since(inbox, 0)).highestmodseq > 0
+
+
+async def test_a_mailbox_nobody_changed_is_not_read_again(store, database_url, monkeypatch):
+    account_id, inbox = await inbox_with(store, 1)
+    head = await store.changes_since(inbox, 0)
+    reads = count_reads(store)
+    for _ in range(3):  # every IMAP command asks; this daemon published nothing since
+        assert await store.changes_since(inbox, head.highestmodseq) == Changes(head.highestmodseq, 2, (), ())
+    assert reads[0] == 0
+    other = await open_store(database_url)  # another process: the CLI, or a daemon sharing PostgreSQL
+    try:
+        await other.append(inbox, MESSAGE)
+    finally:
+        await other.close()
+    monkeypatch.setattr(mailstore, "HEAD_TRUST", 0.0)  # its change shows once the head is HEAD_TRUST old
+    assert [change.uid for change in (await store.changes_since(inbox, head.highestmodseq)).changed] == [2]
+    assert reads[0] == 1

@@ -33,7 +33,7 @@ from runbox_mta.store.db import (
 from runbox_mta.store.flags import decode_flags
 from runbox_mta.store.maildrop import MaildropStore
 from runbox_mta.store.queue import QueueStore
-from runbox_mta.store.mailstore import Changes, MailStore
+from runbox_mta.store.mailstore import Changes, MailStore, MailboxHead
 from runbox_mta.store.notify import ChangeRelay
 from runbox_mta.store.transfer import TransferStore
 from runbox_mta.store.writes import (
@@ -206,7 +206,9 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         self._recent_domains: Recent[str, Domain] = Recent()
         self._blobs = BlobStore()
         self._changes = ChangeBus()
-        self._changes_reads: dict[tuple[int, int], tuple[int, asyncio.Future[Changes]]] = {}  # see changes_since
+        # See changes_since.
+        self._changes_reads: dict[tuple[int, int], tuple[int, asyncio.Future[Changes]]] = {}
+        self._mailbox_heads: dict[int, MailboxHead] = {}
         self._committer = Committer(engine, self._changes.publish)
         # Other daemons' changes onto this bus (PostgreSQL; the daemon runs it, see app.py).
         self.relay = ChangeRelay(engine, self._changes, self._committer.origin)

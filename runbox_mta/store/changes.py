@@ -98,8 +98,7 @@ class ChangeBus:
     def __init__(self, max_pending: int = MAX_PENDING_EVENTS) -> None:
         self._max_pending = max_pending
         self._subscribers: defaultdict[tuple[str, int | None], set[Subscription]] = defaultdict(set)
-        # Bumped by every publish: a read begun at this value has seen every change published so far.
-        self.generation = 0
+        self._generations: dict[int, int] = {}  # see generation
 
     def subscribe(self, *, account_id: int | None = None, mailbox_id: int | None = None) -> Subscription:
         """Subscribe to one mailbox, one account, or (neither given) every change."""
@@ -128,10 +127,15 @@ class ChangeBus:
         accounts = {key[1] for key in self._subscribers if key[0] == "account" and key[1] is not None}
         return mailboxes, accounts
 
+    def generation(self, mailbox_id: int) -> int:
+        """Counts the changes published for the mailbox: a read of it begun at this value has
+        seen every change to it published so far."""
+        return self._generations.get(mailbox_id, 0)
+
     def publish(self, events: Iterable[ChangeEvent]) -> None:
         """Hand committed events to their subscribers; call only after COMMIT returned."""
-        self.generation += 1
         for event in events:
+            self._generations[event.mailbox_id] = self._generations.get(event.mailbox_id, 0) + 1
             for key in (("mailbox", event.mailbox_id), ("account", event.account_id), ("all", None)):
                 for subscription in self._subscribers.get(key, ()):
                     subscription.offer(event)

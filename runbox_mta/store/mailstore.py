@@ -16,6 +16,7 @@ to look.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _SEEN = SYSTEM_FLAGS["\\Seen"]
+# changes_since trusts what it last read of a mailbox this long when nothing was published for it.
+HEAD_TRUST = 1.0
+MAX_MAILBOX_HEADS = 100_000
 # SEARCH of a message stored before its searchable header was kept reads this much of it.
 UNSTORED_HEADER_LIMIT = 64 * 1024
 _DELETED = SYSTEM_FLAGS["\\Deleted"]
@@ -75,6 +79,17 @@ class Changes:
     uidnext: int
     changed: tuple[FlagChange, ...]  # new or changed messages, UID order
     expunged: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MailboxHead:
+    """A mailbox's counters as a read found them, with the change-bus generation and the
+    monotonic time at which that read began (see changes_since)."""
+
+    highestmodseq: int
+    uidnext: int
+    generation: int
+    read_at: float
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,7 @@ class MailStore:
         _blobs: BlobStore
         _changes: ChangeBus
         _changes_reads: dict[tuple[int, int], tuple[int, asyncio.Future[Changes]]]
+        _mailbox_heads: dict[int, MailboxHead]
 
         async def _write(self, job: Job[T]) -> T: ...
 
@@ -159,17 +175,34 @@ class MailStore:
         return await self._read(read)
 
     async def changes_since(self, mailbox_id: int, modseq: int) -> Changes:
-        """What changed in the mailbox after `modseq`. Callers asking the same while that read is
+        """What changed in the mailbox after `modseq`.
+
+        Every IMAP command asks, and mostly nothing changed: if this daemon published no change
+        to the mailbox since a read found its head at or below `modseq`, within HEAD_TRUST
+        seconds (a change by another process, the CLI or a daemon not relayed yet, shows within
+        that), the answer is "nothing" without a query. Callers asking the same while a read is
         under way share it if nothing was published since it began (it then sees all they know
-        of): one APPEND wakes every IDLE session on the mailbox, and they make one query, not
-        one each."""
+        of): one APPEND wakes every IDLE session on the mailbox, and they make one query."""
+        generation = self._changes.generation(mailbox_id)
+        head = self._mailbox_heads.get(mailbox_id)
+        if (head is not None and head.generation == generation and head.highestmodseq <= modseq
+                and time.monotonic() - head.read_at < HEAD_TRUST):
+            return Changes(head.highestmodseq, head.uidnext, (), ())
         key = (mailbox_id, modseq)
         shared = self._changes_reads.get(key)
-        if shared is None or shared[0] != self._changes.generation:
-            task = asyncio.ensure_future(self._read(lambda conn: _changes_since(conn, mailbox_id, modseq)))
-            shared = self._changes_reads[key] = (self._changes.generation, task)
+        if shared is None or shared[0] != generation:
+            task = asyncio.ensure_future(self._read_changes(mailbox_id, modseq, generation))
+            shared = self._changes_reads[key] = (generation, task)
             task.add_done_callback(lambda done: self._forget_changes_read(key, done))
         return await asyncio.shield(shared[1])  # one caller giving up does not cancel the others' read
+
+    async def _read_changes(self, mailbox_id: int, modseq: int, generation: int) -> Changes:
+        read_at = time.monotonic()
+        changes = await self._read(lambda conn: _changes_since(conn, mailbox_id, modseq))
+        if len(self._mailbox_heads) >= MAX_MAILBOX_HEADS:
+            self._mailbox_heads.clear()  # full: start over rather than grow
+        self._mailbox_heads[mailbox_id] = MailboxHead(changes.highestmodseq, changes.uidnext, generation, read_at)
+        return changes
 
     def _forget_changes_read(self, key: tuple[int, int], done: asyncio.Future[Changes]) -> None:
         if not done.cancelled():
