@@ -271,6 +271,8 @@ async def test_concurrent_identical_changes_reads_share_one_query(store):
     reads = count_reads(store)
     results = await asyncio.gather(*(store.changes_since(inbox, 0) for _ in range(200)))
     assert reads[0] == 1 and len({result.changed for result in results}) == 1
+    assert await store.changes_since(inbox, 0) == results[0]  # a session woken a little later shares it too
+    assert reads[0] == 1
     await store.append(inbox, MESSAGE)  # a commit: the next read is a new one, and sees it
     assert [change.uid for change in (await store.changes_since(inbox, 0)).changed] == [1, 2, 3]
     assert reads[0] == 2

@@ -33,7 +33,7 @@ from runbox_mta.store.db import (
 from runbox_mta.store.flags import decode_flags
 from runbox_mta.store.maildrop import MaildropStore
 from runbox_mta.store.queue import QueueStore
-from runbox_mta.store.mailstore import Changes, MailStore, MailboxHead
+from runbox_mta.store.mailstore import MailboxHead, MailStore, SharedRead
 from runbox_mta.store.notify import ChangeRelay
 from runbox_mta.store.transfer import TransferStore
 from runbox_mta.store.writes import (
@@ -207,7 +207,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         self._blobs = BlobStore()
         self._changes = ChangeBus()
         # See changes_since.
-        self._changes_reads: dict[tuple[int, int], tuple[int, asyncio.Future[Changes]]] = {}
+        self._changes_reads: dict[tuple[int, int], SharedRead] = {}
         self._mailbox_heads: dict[int, MailboxHead] = {}
         self._committer = Committer(engine, self._changes.publish)
         # Other daemons' changes onto this bus (PostgreSQL; the daemon runs it, see app.py).

@@ -47,7 +47,7 @@ T = TypeVar("T")
 _SEEN = SYSTEM_FLAGS["\\Seen"]
 # changes_since trusts what it last read of a mailbox this long when nothing was published for it.
 HEAD_TRUST = 1.0
-MAX_MAILBOX_HEADS = 100_000
+MAX_SHARED_READS = 100_000
 # SEARCH of a message stored before its searchable header was kept reads this much of it.
 UNSTORED_HEADER_LIMIT = 64 * 1024
 _DELETED = SYSTEM_FLAGS["\\Deleted"]
@@ -90,6 +90,15 @@ class MailboxHead:
     uidnext: int
     generation: int
     read_at: float
+
+
+@dataclass(frozen=True)
+class SharedRead:
+    """A changes_since read others may share: the generation and time it began at."""
+
+    generation: int
+    read_at: float
+    task: asyncio.Future[Changes]
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ class MailStore:
         _engine: AsyncEngine
         _blobs: BlobStore
         _changes: ChangeBus
-        _changes_reads: dict[tuple[int, int], tuple[int, asyncio.Future[Changes]]]
+        _changes_reads: dict[tuple[int, int], SharedRead]
         _mailbox_heads: dict[int, MailboxHead]
 
         async def _write(self, job: Job[T]) -> T: ...
@@ -177,39 +186,42 @@ class MailStore:
     async def changes_since(self, mailbox_id: int, modseq: int) -> Changes:
         """What changed in the mailbox after `modseq`.
 
-        Every IMAP command asks, and mostly nothing changed: if this daemon published no change
-        to the mailbox since a read found its head at or below `modseq`, within HEAD_TRUST
-        seconds (a change by another process, the CLI or a daemon not relayed yet, shows within
-        that), the answer is "nothing" without a query. Callers asking the same while a read is
-        under way share it if nothing was published since it began (it then sees all they know
-        of): one APPEND wakes every IDLE session on the mailbox, and they make one query."""
+        Reads are shared, as long as this daemon published no change to the mailbox since the
+        read began (the read then saw every change the caller can know of) and for at most
+        HEAD_TRUST seconds (a change by another process, the CLI or a daemon whose NOTIFY is on
+        its way, shows within that):
+        - every IMAP command asks, and mostly nothing changed: a caller as far as the last read
+          of the mailbox got gets "nothing" without a query;
+        - one APPEND wakes every IDLE session on the mailbox: they share one read of it."""
         generation = self._changes.generation(mailbox_id)
+        now = time.monotonic()
         head = self._mailbox_heads.get(mailbox_id)
         if (head is not None and head.generation == generation and head.highestmodseq <= modseq
-                and time.monotonic() - head.read_at < HEAD_TRUST):
+                and now - head.read_at < HEAD_TRUST):
             return Changes(head.highestmodseq, head.uidnext, (), ())
         key = (mailbox_id, modseq)
         shared = self._changes_reads.get(key)
-        if shared is None or shared[0] != generation:
-            task = asyncio.ensure_future(self._read_changes(mailbox_id, modseq, generation))
-            shared = self._changes_reads[key] = (generation, task)
-            task.add_done_callback(lambda done: self._forget_changes_read(key, done))
-        return await asyncio.shield(shared[1])  # one caller giving up does not cancel the others' read
+        if shared is None or shared.generation != generation or now - shared.read_at >= HEAD_TRUST:
+            if len(self._changes_reads) >= MAX_SHARED_READS:
+                self._changes_reads.clear()  # full: start over rather than grow
+            task = asyncio.ensure_future(self._read_changes(mailbox_id, modseq, generation, now))
+            shared = self._changes_reads[key] = SharedRead(generation, now, task)
+            task.add_done_callback(lambda done: self._read_done(key, done))
+        return await asyncio.shield(shared.task)  # one caller giving up does not cancel the others' read
 
-    async def _read_changes(self, mailbox_id: int, modseq: int, generation: int) -> Changes:
-        read_at = time.monotonic()
+    async def _read_changes(self, mailbox_id: int, modseq: int, generation: int, read_at: float) -> Changes:
         changes = await self._read(lambda conn: _changes_since(conn, mailbox_id, modseq))
-        if len(self._mailbox_heads) >= MAX_MAILBOX_HEADS:
-            self._mailbox_heads.clear()  # full: start over rather than grow
+        if len(self._mailbox_heads) >= MAX_SHARED_READS:
+            self._mailbox_heads.clear()
         self._mailbox_heads[mailbox_id] = MailboxHead(changes.highestmodseq, changes.uidnext, generation, read_at)
         return changes
 
-    def _forget_changes_read(self, key: tuple[int, int], done: asyncio.Future[Changes]) -> None:
-        if not done.cancelled():
-            done.exception()  # retrieved here too: every caller may have given up
-        shared = self._changes_reads.get(key)
-        if shared is not None and shared[1] is done:
-            del self._changes_reads[key]
+    def _read_done(self, key: tuple[int, int], done: asyncio.Future[Changes]) -> None:
+        """A failed read is not shared any longer (its callers got the error)."""
+        if done.cancelled() or done.exception() is not None:  # retrieved here too: every caller may have left
+            shared = self._changes_reads.get(key)
+            if shared is not None and shared.task is done:
+                del self._changes_reads[key]
 
     async def message_rows(self, mailbox_id: int, uids: Sequence[int], *, data: bool, structure: bool = True,
                            changedsince: int | None = None) -> list[MessageRow]:
