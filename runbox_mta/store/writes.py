@@ -103,16 +103,18 @@ async def insert_messages(conn: AsyncConnection, events: list[ChangeEvent], blob
 
 
 
+# Built once: every submitted message runs them (building one costs more than running it).
+_INSERT_QUEUE_MESSAGE = insert(m.QueueMessage).returning(m.QueueMessage.id)
+_INSERT_QUEUE_RECIPIENT = insert(m.QueueRecipient)
+
+
 async def insert_queue_entry(conn: AsyncConnection, blob_id: int, sender: str, addresses: Sequence[str]) -> int:
-    queue_id = (await conn.execute(
-        insert(m.QueueMessage).values(blob_id=blob_id, sender=sender).returning(m.QueueMessage.id)
-    )).scalar_one()
-    await conn.execute(insert(m.QueueRecipient), [
+    queue_id = (await conn.execute(_INSERT_QUEUE_MESSAGE, {"blob_id": blob_id, "sender": sender})).scalar_one()
+    await conn.execute(_INSERT_QUEUE_RECIPIENT, [
         {"queue_message_id": queue_id, "recipient": address, "domain": domain_of(address)}
         for address in addresses
     ])
     return queue_id
-
 
 
 async def insert_mailbox(conn: AsyncConnection, account_id: int, name: str,
