@@ -241,13 +241,12 @@ async def test_sql_search_agrees_with_the_python_evaluation(store):
         exact = await store.search_uids(inbox, key, up_to_uid=60)
         if exact is not None:
             exact_keys += 1
-            assert [uid for uid, _ in exact] == expected, text
-            assert all(modseq == rows[uid - 1].modseq for uid, modseq in exact), text
+            assert exact == (expected, max((rows[uid - 1].modseq for uid in expected), default=0)), text
         candidates = await store.search_candidates(inbox, key, after_uid=0, limit=1000, data=needs_body(key))
         assert [row.uid for row in candidates if matches(key, Candidate(row.uid, row), scope)] == expected, text
     assert exact_keys >= 50  # flags, sizes, dates and MODSEQ are decided by SQL alone
     assert await store.search_uids(inbox, search_key("SUBJECT report"), up_to_uid=60) is None  # checked in Python
-    assert [uid for uid, _ in await store.search_uids(inbox, search_key("ALL"), up_to_uid=3)] == [1, 2, 3]
+    assert (await store.search_uids(inbox, search_key("ALL"), up_to_uid=3))[0] == [1, 2, 3]
     narrowed = await store.search_candidates(inbox, search_key("SUBJECT report"), after_uid=0, limit=1000, data=False)
     assert 0 < len(narrowed) < 60  # ... on the messages SQL found the word in
     assert [row.uid for row in await store.search_candidates(inbox, search_key("ALL"), after_uid=50, limit=4,

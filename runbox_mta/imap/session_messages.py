@@ -179,7 +179,7 @@ class MessageCommands(_Base):
         deleted = await self.services.store.search_uids(view.mailbox_id, HasFlag("\\Deleted"), up_to_uid=max(uids))
         assert deleted is not None  # a system flag is decided by SQL
         wanted = set(uids)
-        return [uid for uid, _ in deleted if uid in wanted]
+        return [uid for uid in deleted[0] if uid in wanted]
 
     # --- FETCH (RFC 9051 §6.4.5, RFC 3516, RFC 7162 §3.1.4) ------------------------------------
 
@@ -342,9 +342,8 @@ class MessageCommands(_Base):
         # committed in order), and those after it are not announced yet.
         exact = await store.search_uids(view.mailbox_id, command.key, up_to_uid=view.uids[-1] if view.uids else 0)
         if exact is not None:  # the database decided it: flags, sizes, internal dates, MODSEQ
-            found = [uid for uid, _ in exact] if command.uid else view.numbers(uid for uid, _ in exact)
-            modseq = max((row_modseq for _, row_modseq in exact), default=0)
-            return found, modseq if uses_modseq(command.key) else None
+            uids, modseq = exact
+            return (uids if command.uid else view.numbers(uids)), modseq if uses_modseq(command.key) else None
         with_body = needs_body(command.key)
         scope = Scope(len(view.uids), view.uids[-1] if view.uids else 0, frozenset(view.saved))
         after = 0

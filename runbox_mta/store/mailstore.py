@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import BigInteger, Row, Select, bindparam, case, cast, delete, func, insert, null, select, update
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.expression import ColumnElement
 
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
 from runbox_mta.imap.search_keys import SearchKey
@@ -239,20 +240,19 @@ class MailStore:
 
         return await self._read(read)
 
-    async def search_uids(self, mailbox_id: int, key: SearchKey, up_to_uid: int) -> Sequence[tuple[int, int]] | None:
-        """(UID, MODSEQ) of every message up to `up_to_uid` matching `key`, ascending, if SQL decides
-        `key` exactly (flags, sizes, internal dates, MODSEQ; see search.py); None if it cannot."""
+    async def search_uids(self, mailbox_id: int, key: SearchKey, up_to_uid: int) -> tuple[list[int], int] | None:
+        """The UIDs up to `up_to_uid` of the messages matching `key`, ascending, and their highest
+        MODSEQ (0 if none), if SQL decides `key` exactly (flags, sizes, internal dates, MODSEQ;
+        see search.py); None if it cannot."""
         found = search.condition(key)
         if found is None or not found.exact:
             return None
-        query = (select(m.Message.uid, m.Message.modseq)
-                 .where(m.Message.mailbox_id == mailbox_id, m.Message.uid <= up_to_uid, found.condition)
-                 .order_by(m.Message.uid))
+        where = (m.Message.uid <= up_to_uid, found.condition)
 
-        async def read(conn: AsyncConnection) -> Sequence[tuple[int, int]]:
-            return (await conn.execute(query)).all()
+        async def read(conn: AsyncConnection) -> tuple[list[int], int]:
+            return await _all_uids(conn, mailbox_id, *where), await _highest_modseq(conn, mailbox_id, *where)
 
-        return await self._read(read, snapshot=False)
+        return await self._read(read)
 
     async def search_candidates(self, mailbox_id: int, key: SearchKey, *, after_uid: int, limit: int,
                                 data: bool) -> list[MessageRow]:
@@ -452,18 +452,25 @@ class MailStore:
         await self._write(job)
 
 
-async def _all_uids(conn: AsyncConnection, mailbox_id: int) -> list[int]:
-    """The mailbox's UIDs, ascending, aggregated in the database: one row instead of
-    one per message makes SELECT of 100k messages about four times faster."""
+async def _all_uids(conn: AsyncConnection, mailbox_id: int, *conditions: ColumnElement[bool]) -> list[int]:
+    """The UIDs of the mailbox's messages (meeting `conditions`), ascending, aggregated in the
+    database: one row instead of one per message makes SELECT of 100k messages about four
+    times faster."""
     if conn.dialect.name == "postgresql":
         query = select(func.array_agg(aggregate_order_by(m.Message.uid, m.Message.uid)))
-        uids = list(await conn.scalar(query.where(m.Message.mailbox_id == mailbox_id)) or [])
+        uids = list(await conn.scalar(query.where(m.Message.mailbox_id == mailbox_id, *conditions)) or [])
     else:
-        ordered = select(m.Message.uid).where(m.Message.mailbox_id == mailbox_id).order_by(m.Message.uid).subquery()
+        ordered = (select(m.Message.uid).where(m.Message.mailbox_id == mailbox_id, *conditions)
+                   .order_by(m.Message.uid).subquery())
         text = await conn.scalar(select(func.group_concat(ordered.c.uid)))
         uids = list(map(int, text.split(","))) if text else []
     uids.sort()  # already in order (linear then); SQLite does not promise group_concat's order
     return uids
+
+
+async def _highest_modseq(conn: AsyncConnection, mailbox_id: int, *conditions: ColumnElement[bool]) -> int:
+    query = select(func.coalesce(func.max(m.Message.modseq), 0)).where(m.Message.mailbox_id == mailbox_id, *conditions)
+    return int(await conn.scalar(query))
 
 
 def _apply(mode: str, bits: int, words: set[str], add_bits: int, add_words: set[str]) -> tuple[int, str]:
@@ -509,7 +516,10 @@ def _row_query(*, data: bool, structure: bool, header: bool) -> Select[Any]:
     else:
         columns.append(null().label("data"))
     columns.append(m.Blob.search_header if header else null().label("search_header"))
-    return select(*columns).join(m.Blob, m.Blob.id == m.Message.blob_id).order_by(m.Message.uid)
+    query = select(*columns)
+    if data or structure or header:  # FLAGS, UID, MODSEQ ... come from messages alone
+        query = query.join(m.Blob, m.Blob.id == m.Message.blob_id)
+    return query.order_by(m.Message.uid)
 
 
 def _message_row(row: Row[Any]) -> MessageRow:
