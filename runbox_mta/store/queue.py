@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Row, and_, case, delete, exists, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, case, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runbox_mta.store import models as m
+from runbox_mta.store.models import UtcDateTime
 from runbox_mta.store.blobs import BlobStore
 from runbox_mta.store.changes import ChangeEvent
 from runbox_mta.store.db import connect, in_chunks
@@ -148,26 +149,13 @@ class QueueStore:
     async def claim(self, domain: str, owner: str, now: datetime, lease_until: datetime,
                     max_recipients: int) -> list[ClaimedMessage]:
         """Lease up to `max_recipients` due recipients at `domain` for `owner`, grouped by message."""
-        recipient = m.QueueRecipient
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> list[ClaimedMessage]:
-            ids = list(await conn.scalars(
-                select(recipient.id).where(recipient.domain == domain, *_claimable(now))
-                .order_by(recipient.next_attempt_at, recipient.id).limit(max_recipients)
-                # PostgreSQL: concurrent claimers skip each other's rows; SQLite ignores it.
-                .with_for_update(skip_locked=True)
-            ))
+            ids = list(await conn.scalars(_CLAIMABLE, {"domain": domain, "now": now, "limit": max_recipients}))
             if not ids:
                 return []
-            await conn.execute(update(recipient).where(recipient.id.in_(ids))
-                               .values(lease_owner=owner, lease_until=lease_until))
-            rows = (await conn.execute(
-                select(recipient.id, recipient.recipient, recipient.status, recipient.attempts,
-                       m.QueueMessage.id.label("queue_id"), m.QueueMessage.sender, m.QueueMessage.created_at,
-                       m.QueueMessage.blob_id)
-                .join(m.QueueMessage).where(recipient.id.in_(ids)).order_by(m.QueueMessage.id, recipient.id)
-            )).all()
-            return _group(rows)
+            await conn.execute(_LEASE, {"ids": ids, "owner": owner, "until": lease_until})
+            return _group((await conn.execute(_CLAIMED, {"ids": ids})).all())
 
         return await self._write(job)
 
@@ -180,20 +168,15 @@ class QueueStore:
 
         Rows whose lease `owner` no longer holds are left alone: their new holder decides.
         """
-        recipient = m.QueueRecipient
-        mine = recipient.lease_owner == owner
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> None:
             message_ids: set[int] = set()
             for chunk in in_chunks(sorted(finished)):
-                message_ids.update(await conn.scalars(
-                    delete(recipient).where(recipient.id.in_(chunk), mine).returning(recipient.queue_message_id)
-                ))
+                message_ids.update(await conn.scalars(_FINISH, {"ids": chunk, "owner": owner}))
             for entry in deferred:
-                await conn.execute(update(recipient).where(recipient.id == entry.recipient_id, mine).values(
-                    status=entry.status, attempts=recipient.attempts + 1, next_attempt_at=entry.next_attempt_at,
-                    last_error=entry.error, tls_outcome=entry.tls_outcome, lease_owner=None, lease_until=None,
-                ))
+                await conn.execute(_DEFER, {
+                    "recipient_id": entry.recipient_id, "owner": owner, "new_status": entry.status,
+                    "next_attempt": entry.next_attempt_at, "error": entry.error, "tls": entry.tls_outcome})
             await self._drop_finished_messages(conn, message_ids)
 
         await self._write(job)
@@ -226,19 +209,44 @@ class QueueStore:
         """Delete the messages among `message_ids` that have no recipient left, and their blobs."""
         blob_ids: list[int] = []
         for chunk in in_chunks(sorted(message_ids)):
-            blob_ids += await conn.scalars(
-                delete(m.QueueMessage).where(
-                    m.QueueMessage.id.in_(chunk),
-                    ~exists().where(m.QueueRecipient.queue_message_id == m.QueueMessage.id),
-                ).returning(m.QueueMessage.blob_id)
-            )
+            blob_ids += await conn.scalars(_DROP_FINISHED, {"ids": chunk})
         await self._blobs.release(conn, blob_ids)
 
 
-def _claimable(now: datetime) -> tuple[Any, ...]:
+def _claimable(now: Any) -> tuple[Any, ...]:
     recipient = m.QueueRecipient
     return (recipient.status.in_(WAITING), recipient.next_attempt_at <= now,
             or_(recipient.lease_until.is_(None), recipient.lease_until < now))
+
+
+# The statements every delivery runs, built once (building one costs more than running it).
+_recipient = m.QueueRecipient
+_ids = bindparam("ids", expanding=True)
+_mine = _recipient.lease_owner == bindparam("owner")
+_CLAIMABLE = (
+    select(_recipient.id)
+    .where(_recipient.domain == bindparam("domain"), *_claimable(bindparam("now", type_=UtcDateTime())))
+    .order_by(_recipient.next_attempt_at, _recipient.id).limit(bindparam("limit"))
+    # PostgreSQL: concurrent claimers skip each other's rows; SQLite ignores it.
+    .with_for_update(skip_locked=True)
+)
+_LEASE = (update(_recipient).where(_recipient.id.in_(_ids))
+          .values(lease_owner=bindparam("owner"), lease_until=bindparam("until", type_=UtcDateTime())))
+_CLAIMED = (
+    select(_recipient.id, _recipient.recipient, _recipient.status, _recipient.attempts,
+           m.QueueMessage.id.label("queue_id"), m.QueueMessage.sender, m.QueueMessage.created_at,
+           m.QueueMessage.blob_id)
+    .join(m.QueueMessage).where(_recipient.id.in_(_ids)).order_by(m.QueueMessage.id, _recipient.id)
+)
+_FINISH = delete(_recipient).where(_recipient.id.in_(_ids), _mine).returning(_recipient.queue_message_id)
+_DEFER = update(_recipient).where(_recipient.id == bindparam("recipient_id"), _mine).values(
+    status=bindparam("new_status"), attempts=_recipient.attempts + 1,
+    next_attempt_at=bindparam("next_attempt", type_=UtcDateTime()), last_error=bindparam("error"),
+    tls_outcome=bindparam("tls"), lease_owner=None, lease_until=None,
+)
+_DROP_FINISHED = delete(m.QueueMessage).where(
+    m.QueueMessage.id.in_(_ids), ~exists().where(m.QueueRecipient.queue_message_id == m.QueueMessage.id),
+).returning(m.QueueMessage.blob_id)
 
 
 def _group(rows: Sequence[Row[Any]]) -> list[ClaimedMessage]:
