@@ -307,3 +307,14 @@ async def test_a_mailbox_nobody_changed_is_not_read_again(store, database_url, m
     monkeypatch.setattr(mailstore, "HEAD_TRUST", 0.0)  # its change shows once the head is HEAD_TRUST old
     assert [change.uid for change in (await store.changes_since(inbox, head.highestmodseq)).changed] == [2]
     assert reads[0] == 1
+
+
+async def test_finished_shared_reads_are_let_go_once_they_cannot_be_shared(store, monkeypatch):
+    _, inbox = await inbox_with(store, 8)
+    monkeypatch.setattr(mailstore, "PRUNE_SHARED_READS", 4)
+    for modseq in range(6):  # all behind the mailbox's head: each is a read
+        await store.changes_since(inbox, modseq)
+    assert len(store._changes_reads) == 6  # each may still be shared, for HEAD_TRUST
+    monkeypatch.setattr(mailstore, "HEAD_TRUST", 0.0)
+    await store.changes_since(inbox, 99)
+    assert list(store._changes_reads) == [(inbox, 99)]

@@ -48,7 +48,8 @@ T = TypeVar("T")
 _SEEN = SYSTEM_FLAGS["\\Seen"]
 # changes_since trusts what it last read of a mailbox this long when nothing was published for it.
 HEAD_TRUST = 1.0
-MAX_SHARED_READS = 100_000
+MAX_MAILBOX_HEADS = 100_000
+PRUNE_SHARED_READS = 1024
 # SEARCH of a message stored before its searchable header was kept reads this much of it.
 UNSTORED_HEADER_LIMIT = 64 * 1024
 _DELETED = SYSTEM_FLAGS["\\Deleted"]
@@ -203,8 +204,10 @@ class MailStore:
         key = (mailbox_id, modseq)
         shared = self._changes_reads.get(key)
         if shared is None or shared.generation != generation or now - shared.read_at >= HEAD_TRUST:
-            if len(self._changes_reads) >= MAX_SHARED_READS:
-                self._changes_reads.clear()  # full: start over rather than grow
+            if len(self._changes_reads) >= PRUNE_SHARED_READS:
+                # Finished reads are only shared for HEAD_TRUST: let the older ones go.
+                self._changes_reads = {key: read for key, read in self._changes_reads.items()
+                                       if not read.task.done() or now - read.read_at < HEAD_TRUST}
             task = asyncio.ensure_future(self._read_changes(mailbox_id, modseq, generation, now))
             shared = self._changes_reads[key] = SharedRead(generation, now, task)
             task.add_done_callback(lambda done: self._read_done(key, done))
@@ -212,8 +215,8 @@ class MailStore:
 
     async def _read_changes(self, mailbox_id: int, modseq: int, generation: int, read_at: float) -> Changes:
         changes = await self._read(lambda conn: _changes_since(conn, mailbox_id, modseq))
-        if len(self._mailbox_heads) >= MAX_SHARED_READS:
-            self._mailbox_heads.clear()
+        if len(self._mailbox_heads) >= MAX_MAILBOX_HEADS:
+            self._mailbox_heads.clear()  # full (a few bytes each): start over rather than grow
         self._mailbox_heads[mailbox_id] = MailboxHead(changes.highestmodseq, changes.uidnext, generation, read_at)
         return changes
 
