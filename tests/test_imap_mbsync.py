@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -28,6 +29,7 @@ from tests.test_imap_server import certs, shared_certs  # noqa: F401 (fixtures)
 from tests.threaded_daemon import ThreadedDaemon
 
 MBSYNC = shutil.which("mbsync")
+C = TypeVar("C")
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(MBSYNC is None, reason="mbsync is not installed (apt-get install isync; CI has it)"),
@@ -127,16 +129,21 @@ def downloads(output: str) -> list[str]:
 Setup = tuple[ThreadedDaemon, int, Mbsync]
 
 
-@pytest.fixture(params=["implicit", "starttls"])
-def setup(request: pytest.FixtureRequest, tmp_path: Path, database_url: str, certs: Path) -> Iterator[Setup]:
-    """A daemon serving IMAP with ADDRESS holding MESSAGES, its INBOX id, and an mbsync channel to it."""
-    listeners = listener_block("imap", request.param)
-    config = load_config(write_daemon_config(tmp_path, database_url, listeners=listeners))
+def sync_setup(request: pytest.FixtureRequest, tmp_path: Path, database_url: str, certs: Path,
+               client: Callable[[Path, int, str, Path], C]) -> Iterator[tuple[ThreadedDaemon, int, C]]:
+    """A daemon serving IMAP (request.param: "implicit" or "starttls") with ADDRESS holding
+    MESSAGES, its INBOX id, and `client` (root, port, TLS kind, server certificate) syncing it."""
+    tls = request.param
+    config = load_config(write_daemon_config(tmp_path, database_url, listeners=listener_block("imap", tls)))
     daemon = ThreadedDaemon(config, {"imap": ImapProtocol()}, asyncio.new_event_loop)
     inbox = daemon.add_account(ADDRESS, PASSWORD, MESSAGES)[1]
-    yield daemon, inbox, Mbsync(tmp_path / "client", daemon.port(request.param), request.param,
-                                certs / "server.pem")
+    yield daemon, inbox, client(tmp_path / "client", daemon.port(tls), tls, certs / "server.pem")
     assert daemon.stop() == 0, "a connection handler crashed"
+
+
+@pytest.fixture(params=["implicit", "starttls"])
+def setup(request: pytest.FixtureRequest, tmp_path: Path, database_url: str, certs: Path) -> Iterator[Setup]:
+    yield from sync_setup(request, tmp_path, database_url, certs, Mbsync)
 
 
 def server_flags(daemon: ThreadedDaemon, inbox: int) -> dict[int, frozenset[str]]:

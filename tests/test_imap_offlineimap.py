@@ -11,7 +11,6 @@ offlineimap3 (.ci/run); a local run without it skips these tests.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re
@@ -23,10 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from runbox_mta.config import load_config
-from runbox_mta.imap.server import ImapProtocol
-from tests.daemon_config import listener_block, write_daemon_config
-from tests.test_imap_mbsync import ADDRESS, MESSAGES, PASSWORD, TRANSFERS, server_flags, server_messages
+from tests.test_imap_mbsync import (
+    ADDRESS, MESSAGES, PASSWORD, TRANSFERS, server_flags, server_messages, sync_setup,
+)
 from tests.test_imap_server import certs, shared_certs  # noqa: F401 (fixtures)
 from tests.threaded_daemon import ThreadedDaemon
 
@@ -104,14 +102,7 @@ Setup = tuple[ThreadedDaemon, int, OfflineImap]
 
 @pytest.fixture(params=["implicit", "starttls"])
 def setup(request: pytest.FixtureRequest, tmp_path: Path, database_url: str, certs: Path) -> Iterator[Setup]:
-    """A daemon serving IMAP with ADDRESS holding MESSAGES, its INBOX id, and OfflineIMAP syncing it."""
-    listeners = listener_block("imap", request.param)
-    config = load_config(write_daemon_config(tmp_path, database_url, listeners=listeners))
-    daemon = ThreadedDaemon(config, {"imap": ImapProtocol()}, asyncio.new_event_loop)
-    inbox = daemon.add_account(ADDRESS, PASSWORD, MESSAGES)[1]
-    yield daemon, inbox, OfflineImap(tmp_path / "client", daemon.port(request.param), request.param,
-                                     certs / "server.pem")
-    assert daemon.stop() == 0, "a connection handler crashed"
+    yield from sync_setup(request, tmp_path, database_url, certs, OfflineImap)
 
 
 def test_offlineimap_syncs_both_ways_and_a_quiet_sync_transfers_nothing(setup: Setup):
