@@ -190,6 +190,7 @@ SEARCH_ATOMS = [
     "BEFORE 6-Mar-2024", "ON 5-Mar-2024", "ON 6-Mar-2024", "SINCE 6-Mar-2024", "SINCE 7-Mar-2024",
     "FROM alice", "FROM ALICE@EXAMPLE", "SUBJECT report", "TO bob", 'HEADER X-Tag ""', "HEADER X-Tag blue",
     "SUBJECT from", "SENTBEFORE 6-Mar-2024", "BODY needle", "TEXT alice", "1:5", "UID 3:9", "2,*",
+    'SUBJECT "50%"', 'SUBJECT "r%t"', 'SUBJECT "l_nch"', 'SUBJECT "a/b"', 'HEADER X-Tag "bl\\\\ue"',
 ]
 
 
@@ -218,7 +219,7 @@ def search_corpus() -> list[tuple[bytes, list[str], datetime]]:
                  if rng.random() < 0.4]
         sender = rng.choice(["Alice <alice@example.net>", "=?utf-8?q?Al=C3=AFce?= <x@example.net>", "carol@x"])
         header = (f"From: {sender}\r\nTo: {rng.choice(['bob@example.net', 'dave@example.net'])}\r\n"
-                  f"Subject: {rng.choice(['Quarterly report', 'lunch', 'mail from bob'])}\r\n"
+                  f"Subject: {rng.choice(['Quarterly report', 'lunch', 'mail from bob', '50% off', 'a/b test'])}\r\n"
                   f"Date: {rng.choice(['Tue, 5 Mar 2024 23:30:00 -0500', 'Thu, 7 Mar 2024 01:00:00 +0000'])}\r\n")
         if rng.random() < 0.5:
             header += f"X-Tag: {rng.choice(['blue', 'red'])}\r\n"
