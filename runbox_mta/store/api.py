@@ -225,7 +225,8 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
     @property
     def lookup_engine(self) -> Engine:
-        """For diagnostics and tests only: the engine recipient and sender lookups run on."""
+        """For diagnostics and tests only: the engine reads and lookups run on (the async one
+        but on SQLite)."""
         return self._thread_reads or self._engine.sync_engine
 
     @property
