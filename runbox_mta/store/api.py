@@ -225,8 +225,8 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
 
     @property
     def lookup_engine(self) -> Engine:
-        """For diagnostics and tests only: the engine reads and lookups run on (the async one
-        but on SQLite)."""
+        """For diagnostics and tests only: the engine store reads and lookups run on (on
+        PostgreSQL, the async engine's synchronous side)."""
         return self._thread_reads or self._engine.sync_engine
 
     @property
