@@ -2,11 +2,11 @@
 
 Pure: the session loads the candidates (with the stored searchable header,
 with the message bytes only when `needs_body(key)`; the store's SQL has
-already left out messages that cannot match), this module decides. String matching is a case-insensitive substring test
-on decoded text (RFC 2047 headers, the transfer encoding and charset of
-text parts undone), as RFC 9051 §6.4.4 allows. Header keys match the
-stored form of search_text; body keys parse the message, at most once per
-SEARCH.
+already left out messages that cannot match), this module decides.
+String matching is a case-insensitive substring test on decoded text
+(RFC 2047 headers, the transfer encoding and charset of text parts undone),
+as RFC 9051 §6.4.4 allows. Header keys match the stored form of
+search_text; body keys parse the message, at most once per SEARCH.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from runbox_mta.imap.search_keys import (
 )
 from runbox_mta.imap.search_text import field_contains, field_values, searchable_header
 from runbox_mta.store.mailstore import MessageRow
+
 
 def needs_body(key: SearchKey) -> bool:
     """Whether evaluating `key` reads the message bytes (its body text)."""

@@ -340,10 +340,12 @@ class MessageCommands(_Base):
         modseq = 0
         # Up to the view's last UID: every message stored up to it is in the view (UIDs are
         # committed in order), and those after it are not announced yet.
-        exact = await store.search_uids(view.mailbox_id, command.key, up_to_uid=view.uids[-1] if view.uids else 0)
+        with_modseq = uses_modseq(command.key)
+        exact = await store.search_uids(view.mailbox_id, command.key, up_to_uid=view.uids[-1] if view.uids else 0,
+                                        modseq=with_modseq)
         if exact is not None:  # the database decided it: flags, sizes, internal dates, MODSEQ
             uids, modseq = exact
-            return (uids if command.uid else view.numbers(uids)), modseq if uses_modseq(command.key) else None
+            return (uids if command.uid else view.numbers(uids)), modseq if with_modseq else None
         with_body = needs_body(command.key)
         scope = Scope(len(view.uids), view.uids[-1] if view.uids else 0, frozenset(view.saved))
         after = 0
@@ -360,7 +362,7 @@ class MessageCommands(_Base):
             for candidate in matched:
                 found.append(candidate.row.uid if command.uid else candidate.number)
                 modseq = max(modseq, candidate.row.modseq)
-        return found, modseq if uses_modseq(command.key) else None
+        return found, modseq if with_modseq else None
 
     # --- COPY, MOVE (RFC 9051 §6.4.7, §6.4.8, RFC 4315 §3, RFC 6851) ---------------------------
 

@@ -200,6 +200,7 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._thread_reads = thread_reads(engine)  # SQLite: each read in one worker-thread trip
+        self._thread_lookups = lookups(self._thread_reads) if self._thread_reads is not None else None
         # Answers of the lookups every message makes, for a few seconds (recent.py).
         self._recent_resolutions: Recent[str, Resolution] = Recent()
         self._recent_senders: Recent[str, frozenset[str]] = Recent()
@@ -241,7 +242,8 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         if self._thread_reads is None:
             async with connect(self._engine) as conn:
                 return await read(conn)  # the connection begins a transaction on its first statement
-        engine = self._thread_reads if snapshot else lookups(self._thread_reads)
+        engine = self._thread_reads if snapshot else self._thread_lookups
+        assert engine is not None
 
         def in_thread() -> T:
             with engine.connect() as sync_conn:

@@ -46,13 +46,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _SEEN = SYSTEM_FLAGS["\\Seen"]
+_DELETED = SYSTEM_FLAGS["\\Deleted"]
 # changes_since trusts what it last read of a mailbox this long when nothing was published for it.
 HEAD_TRUST = 1.0
 MAX_MAILBOX_HEADS = 100_000
 PRUNE_SHARED_READS = 1024
 # SEARCH of a message stored before its searchable header was kept reads this much of it.
 UNSTORED_HEADER_LIMIT = 64 * 1024
-_DELETED = SYSTEM_FLAGS["\\Deleted"]
 
 
 @dataclass(frozen=True)
@@ -243,17 +243,19 @@ class MailStore:
 
         return await self._read(read)
 
-    async def search_uids(self, mailbox_id: int, key: SearchKey, up_to_uid: int) -> tuple[list[int], int] | None:
-        """The UIDs up to `up_to_uid` of the messages matching `key`, ascending, and their highest
-        MODSEQ (0 if none), if SQL decides `key` exactly (flags, sizes, internal dates, MODSEQ;
-        see search.py); None if it cannot."""
+    async def search_uids(self, mailbox_id: int, key: SearchKey, up_to_uid: int, *,
+                          modseq: bool = False) -> tuple[list[int], int] | None:
+        """The UIDs up to `up_to_uid` of the messages matching `key`, ascending, and (`modseq`)
+        their highest MODSEQ, else 0, if SQL decides `key` exactly (flags, sizes, internal
+        dates, MODSEQ; see search.py); None if it cannot."""
         found = search.condition(key)
         if found is None or not found.exact:
             return None
         where = (m.Message.uid <= up_to_uid, found.condition)
 
         async def read(conn: AsyncConnection) -> tuple[list[int], int]:
-            return await _all_uids(conn, mailbox_id, *where), await _highest_modseq(conn, mailbox_id, *where)
+            highest = await _highest_modseq(conn, mailbox_id, *where) if modseq else 0
+            return await _all_uids(conn, mailbox_id, *where), highest
 
         return await self._read(read)
 
