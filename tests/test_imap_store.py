@@ -17,7 +17,7 @@ from runbox_mta.imap.syntax import Reader
 from runbox_mta.imap.wire import RawCommand
 from runbox_mta.store import ChangeKind, QuotaExceeded, Store, mailstore, open_store
 from runbox_mta.store.changes import ChangeEvent
-from runbox_mta.store.mailstore import Changes
+from runbox_mta.store.index import Changes
 from runbox_mta.store import models as m
 from runbox_mta.store.blobs import STRUCTURE_KEY
 

@@ -24,11 +24,11 @@ from runbox_mta.imap.fetch import UnknownCte, needs_data, render_fetch_item, set
 from runbox_mta.imap.mime import MessageStructure, parse_structure
 from runbox_mta.imap.responses import flag_list, status, untagged
 from runbox_mta.imap.search import Candidate, Scope, matches, needs_body, uses_modseq
-from runbox_mta.imap.search_keys import HasFlag
 from runbox_mta.imap.sequence import format_uid_set
 from runbox_mta.imap.session_state import Authenticated, MailboxGone, MailboxView, Refused, Selected
 from runbox_mta.store.blobs import STRUCTURE_KEY
-from runbox_mta.store.mailstore import FlagChange, MessageRow
+from runbox_mta.store.index import FlagChange
+from runbox_mta.store.mailstore import MessageRow
 
 if TYPE_CHECKING:
     from runbox_mta.imap.session import Session
@@ -53,6 +53,8 @@ INLINE_RENDER_LIMIT = 1024 * 1024
 STREAM_CHUNK = 64 * 1024
 _ITEMS_FROM_ROW = frozenset({c.FetchItem.FLAGS, c.FetchItem.UID, c.FetchItem.INTERNALDATE, c.FetchItem.MODSEQ,
                              c.FetchItem.RFC822_SIZE})
+# What the mailbox's index in memory (store/index.py) answers without reading the messages.
+_ITEMS_FROM_INDEX = frozenset({c.FetchItem.FLAGS, c.FetchItem.UID, c.FetchItem.MODSEQ})
 
 
 class MessageCommands(_Base):
@@ -174,12 +176,8 @@ class MessageCommands(_Base):
         await self.done(command.tag, "EXPUNGE completed.", uid=command.uid_set is not None)  # sync announces them
 
     async def _deleted_uids(self, view: MailboxView, uids: Sequence[int]) -> list[int]:
-        if not uids:
-            return []
-        deleted = await self.services.store.search_uids(view.mailbox_id, HasFlag("\\Deleted"), up_to_uid=max(uids))
-        assert deleted is not None  # a system flag is decided by SQL
-        wanted = set(uids)
-        return [uid for uid in deleted[0] if uid in wanted]
+        rows = await self.services.store.flag_rows(view.mailbox_id, uids)
+        return [row.uid for row in rows if "\\Deleted" in row.flags]
 
     # --- FETCH (RFC 9051 §6.4.5, RFC 3516, RFC 7162 §3.1.4) ------------------------------------
 
@@ -202,6 +200,10 @@ class MessageCommands(_Base):
         # FLAGS, UID, MODSEQ ... come from the row: the stored structure would only be decoded for nothing.
         structure = any(attribute not in _ITEMS_FROM_ROW for attribute in attributes)
         batch = FETCH_BATCH_WITH_DATA if with_data else FETCH_BATCH
+        if all(attribute in _ITEMS_FROM_INDEX for attribute in attributes):
+            await self._fetch_from_index(view, uids, attributes, command.changedsince)
+            await self.done(command.tag, "FETCH completed.", expunges=command.uid, uid=command.uid)
+            return
         try:
             for start in range(0, len(uids), batch):
                 rows = await self.services.store.message_rows(
@@ -213,6 +215,18 @@ class MessageCommands(_Base):
         except UnknownCte:
             raise Refused("Unknown Content-Transfer-Encoding.", "UNKNOWN-CTE") from None  # RFC 3516 §4.2
         await self.done(command.tag, "FETCH completed.", expunges=command.uid, uid=command.uid)
+
+    async def _fetch_from_index(self, view: MailboxView, uids: list[int], attributes: list[c.FetchAttribute],
+                                changedsince: int | None) -> None:
+        for start in range(0, len(uids), FETCH_BATCH):
+            rows = await self.services.store.flag_rows(view.mailbox_id, uids[start:start + FETCH_BATCH],
+                                                       changedsince=changedsince)
+            for row in rows:
+                number = view.number(row.uid)
+                if number is not None:
+                    items = b" ".join(_row_item(row, attribute) for attribute in attributes)
+                    self.out.write(b"* %d FETCH (%s)\r\n" % (number, items))
+            await self.out.flush()
 
     async def _vanished_since(self, view: MailboxView, command: c.Fetch) -> None:
         """UID FETCH ... (CHANGEDSINCE m VANISHED): expunged UIDs of the set first (RFC 7162 §3.2.6)."""
@@ -403,15 +417,17 @@ def _render_items(row: MessageRow, structure: MessageStructure | None,
     return items
 
 
-def _row_item(row: MessageRow, item: c.FetchAttribute) -> bytes:
+def _row_item(row: MessageRow | FlagChange, item: c.FetchAttribute) -> bytes:
+    """FLAGS, UID and MODSEQ of either; INTERNALDATE and RFC822.SIZE of a MessageRow."""
     if item is c.FetchItem.FLAGS:
         return f"FLAGS {flag_list(row.flags)}".encode()
     if item is c.FetchItem.UID:
         return b"UID %d" % row.uid
-    if item is c.FetchItem.INTERNALDATE:
-        return f'INTERNALDATE "{format_date_time(row.internal_date)}"'.encode()
     if item is c.FetchItem.MODSEQ:
         return b"MODSEQ (%d)" % row.modseq
+    assert isinstance(row, MessageRow)
+    if item is c.FetchItem.INTERNALDATE:
+        return f'INTERNALDATE "{format_date_time(row.internal_date)}"'.encode()
     return b"RFC822.SIZE %d" % row.size
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -31,6 +32,7 @@ from runbox_mta.store.db import (
     scrub_freed_pages, thread_reads,
 )
 from runbox_mta.store.flags import decode_flags
+from runbox_mta.store.index import MailboxIndex
 from runbox_mta.store.maildrop import MaildropStore
 from runbox_mta.store.queue import QueueStore
 from runbox_mta.store.mailstore import MailboxHead, MailStore, SharedRead
@@ -210,6 +212,9 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
         # See changes_since.
         self._changes_reads: dict[tuple[int, int], SharedRead] = {}
         self._mailbox_heads: dict[int, MailboxHead] = {}
+        # See snapshot and index.py.
+        self._indexes: OrderedDict[int, MailboxIndex] = OrderedDict()
+        self._index_builds: dict[int, asyncio.Future[MailboxIndex]] = {}
         self._committer = Committer(engine, self._changes.publish)
         # Other daemons' changes onto this bus (PostgreSQL; the daemon runs it, see app.py).
         self.relay = ChangeRelay(engine, self._changes, self._committer.origin)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,11 +37,13 @@ from runbox_mta.store.blobs import BlobStore
 from runbox_mta.store.changes import ChangeBus, ChangeEvent, ChangeKind
 from runbox_mta.store.db import in_chunks, scrub_freed_pages
 from runbox_mta.store.flags import SYSTEM_FLAGS, decode_flags, encode_flags
+from runbox_mta.store.index import Changes, FlagChange, MailboxIndex
 from runbox_mta.store.names import HIERARCHY_DELIMITER, INBOX, normalise_mailbox_name
 from runbox_mta.store.recipients import check_quota
 from runbox_mta.store.writes import SPECIAL_USES, insert_mailbox, insert_messages, new_copy, next_modseq, parse_message
 
 if TYPE_CHECKING:
+    from runbox_mta.store.api import Mailbox
     from runbox_mta.store.committer import Job
 
 T = TypeVar("T")
@@ -51,6 +54,10 @@ _DELETED = SYSTEM_FLAGS["\\Deleted"]
 HEAD_TRUST = 1.0
 MAX_MAILBOX_HEADS = 100_000
 PRUNE_SHARED_READS = 1024
+# Messages the mailbox indexes in memory hold together (about 100 bytes each), and how
+# often one caller reads changes for an index other callers keep bringing further.
+INDEXED_MESSAGES = 2_000_000
+INDEX_CATCH_UP_TRIES = 3
 # SEARCH of a message stored before its searchable header was kept reads this much of it.
 UNSTORED_HEADER_LIMIT = 64 * 1024
 
@@ -66,21 +73,6 @@ class Snapshot:
     highestmodseq: int
     uids: list[int]
     keywords: frozenset[str]
-
-
-@dataclass(frozen=True)
-class FlagChange:
-    uid: int
-    modseq: int
-    flags: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Changes:
-    highestmodseq: int
-    uidnext: int
-    changed: tuple[FlagChange, ...]  # new or changed messages, UID order
-    expunged: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -159,6 +151,10 @@ class MailStore:
         _changes: ChangeBus
         _changes_reads: dict[tuple[int, int], SharedRead]
         _mailbox_heads: dict[int, MailboxHead]
+        _indexes: OrderedDict[int, MailboxIndex]
+        _index_builds: dict[int, asyncio.Future[MailboxIndex]]
+
+        async def get_mailbox(self, account_id: int, name: str) -> Mailbox: ...
 
         async def _write(self, job: Job[T]) -> T: ...
 
@@ -167,23 +163,57 @@ class MailStore:
     # --- reading --------------------------------------------------------------------------
 
     async def snapshot(self, account_id: int, name: str) -> Snapshot:
-        """The mailbox's counters and UIDs, read in one transaction so they agree."""
-        name = normalise_mailbox_name(name)
+        """The mailbox's counters and UIDs as of one MODSEQ (from its index, see index.py)."""
+        box = await self.get_mailbox(account_id, name)
+        index = await self._index(box.id, box.uidvalidity)
+        return Snapshot(box.id, box.name, box.uidvalidity, index.uidnext, index.highestmodseq, list(index.uids),
+                        frozenset(index.keywords))
 
-        async def read(conn: AsyncConnection) -> Snapshot:
-            box = (await conn.execute(
-                select(m.Mailbox.id, m.Mailbox.name, m.Mailbox.uidvalidity, m.Mailbox.uidnext,
-                       m.Mailbox.highestmodseq)
-                .where(m.Mailbox.account_id == account_id, m.Mailbox.name == name))).one_or_none()
-            if box is None:
-                raise NotFound(f"no such mailbox: {name}")
-            uids = await _all_uids(conn, box.id)
-            keyword_rows = await conn.scalars(select(m.Message.keywords).distinct().where(
-                m.Message.mailbox_id == box.id, m.Message.keywords != ""))
-            keywords = frozenset(word for text in keyword_rows for word in text.split())
-            return Snapshot(box.id, box.name, box.uidvalidity, box.uidnext, box.highestmodseq, uids, keywords)
+    async def flag_rows(self, mailbox_id: int, uids: Sequence[int], *,
+                        changedsince: int | None = None) -> list[FlagChange]:
+        """UID, MODSEQ and flags of the messages among `uids` (ascending) that still exist, from
+        the mailbox's index: FETCH FLAGS without reading the messages."""
+        return (await self._index(mailbox_id)).messages(uids, changedsince)
 
-        return await self._read(read)
+    async def _index(self, mailbox_id: int, uidvalidity: int | None = None) -> MailboxIndex:
+        """The mailbox's index, up to date with what changes_since finds (NotFound once it is gone)."""
+        index = self._indexes.get(mailbox_id)
+        if index is None or (uidvalidity is not None and index.uidvalidity != uidvalidity):
+            index = await self._build_index(mailbox_id)
+        self._indexes.move_to_end(mailbox_id)
+        for _ in range(INDEX_CATCH_UP_TRIES):
+            modseq = index.highestmodseq
+            try:
+                changes = await self.changes_since(mailbox_id, modseq)
+            except NotFound:
+                self._indexes.pop(mailbox_id, None)
+                raise
+            if changes.highestmodseq < modseq:  # not the mailbox indexed (its id was reused): start over
+                return await self._build_index(mailbox_id)
+            if index.highestmodseq == modseq:  # else another caller brought it further meanwhile: ask again
+                index.apply(changes)
+                break
+        return index
+
+    async def _build_index(self, mailbox_id: int) -> MailboxIndex:
+        """Read the whole index of the mailbox, once for all the callers that want it meanwhile."""
+        build = self._index_builds.get(mailbox_id)
+        if build is None:
+            build = self._index_builds[mailbox_id] = asyncio.ensure_future(self._read(
+                lambda conn: _read_index(conn, mailbox_id)))
+            build.add_done_callback(lambda _: self._index_builds.pop(mailbox_id, None))
+        index = await asyncio.shield(build)
+        if self._indexes.get(mailbox_id) is not index:
+            self._indexes[mailbox_id] = index
+            self._evict_indexes()
+        return index
+
+    def _evict_indexes(self) -> None:
+        """Least recently used first, down to INDEXED_MESSAGES (the newest stays, however large)."""
+        total = sum(map(len, self._indexes.values()))
+        while total > INDEXED_MESSAGES and len(self._indexes) > 1:
+            _, oldest = self._indexes.popitem(last=False)
+            total -= len(oldest)
 
     async def changes_since(self, mailbox_id: int, modseq: int) -> Changes:
         """What changed in the mailbox after `modseq`.
@@ -398,6 +428,8 @@ class MailStore:
             uids = list(await conn.scalars(select(m.Message.uid).where(m.Message.mailbox_id == box_id)))
             scrub = await self._expunge_rows(conn, events, box_id, uids)
             await conn.execute(delete(m.Mailbox).where(m.Mailbox.id == box_id))
+            # Also when it was empty: sessions that selected it must look again, and find it gone.
+            events.append(ChangeEvent(account_id, box_id, 0, 0, ChangeKind.RESYNC))
             return scrub
 
         if await self._write(job):
@@ -502,6 +534,17 @@ async def _changes_since(conn: AsyncConnection, mailbox_id: int, modseq: int) ->
     expunged = await conn.scalars(select(m.Expunged.uid).where(
         m.Expunged.mailbox_id == mailbox_id, m.Expunged.modseq > modseq).order_by(m.Expunged.uid))
     return Changes(box.highestmodseq, box.uidnext, tuple(_change(row) for row in rows), tuple(expunged))
+
+
+async def _read_index(conn: AsyncConnection, mailbox_id: int) -> MailboxIndex:
+    box = (await conn.execute(select(m.Mailbox.uidvalidity, m.Mailbox.highestmodseq, m.Mailbox.uidnext)
+                              .where(m.Mailbox.id == mailbox_id))).one_or_none()
+    if box is None:
+        raise NotFound(f"no such mailbox id: {mailbox_id}")
+    rows = await conn.execute(select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
+                              .where(m.Message.mailbox_id == mailbox_id).order_by(m.Message.uid))
+    return MailboxIndex(mailbox_id, box.uidvalidity, box.highestmodseq, box.uidnext,
+                        (FlagChange(uid, modseq, decode_flags(bits, keywords)) for uid, modseq, bits, keywords in rows))
 
 
 def _change(row: Row[Any]) -> FlagChange:
