@@ -24,6 +24,7 @@ from runbox_mta.imap.fetch import UnknownCte, needs_data, render_fetch_item, set
 from runbox_mta.imap.mime import MessageStructure, parse_structure
 from runbox_mta.imap.responses import flag_list, status, untagged
 from runbox_mta.imap.search import Candidate, Scope, matches, needs_body, uses_modseq
+from runbox_mta.imap.search_keys import HasFlag
 from runbox_mta.imap.sequence import format_uid_set
 from runbox_mta.imap.session_state import Authenticated, MailboxGone, MailboxView, Refused, Selected
 from runbox_mta.store.blobs import STRUCTURE_KEY
@@ -176,8 +177,12 @@ class MessageCommands(_Base):
         await self.done(command.tag, "EXPUNGE completed.", uid=command.uid_set is not None)  # sync announces them
 
     async def _deleted_uids(self, view: MailboxView, uids: Sequence[int]) -> list[int]:
-        rows = await self.services.store.flag_rows(view.mailbox_id, uids)
-        return [row.uid for row in rows if "\\Deleted" in row.flags]
+        if not uids:
+            return []
+        deleted = await self.services.store.search_uids(view.mailbox_id, HasFlag("\\Deleted"), up_to_uid=max(uids))
+        assert deleted is not None  # a system flag is decided by SQL
+        wanted = set(uids)
+        return [uid for uid in deleted[0] if uid in wanted]
 
     # --- FETCH (RFC 9051 §6.4.5, RFC 3516, RFC 7162 §3.1.4) ------------------------------------
 

@@ -571,12 +571,10 @@ def _row_query(*, data: bool, structure: bool, header: bool) -> Select[Any]:
 
 
 def _message_row(row: Row[Any]) -> MessageRow:
-    return MessageRow(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords), _internal_date(row),
-                      row.size, row.parsed, row.data, row.search_header)
-
-
-def _internal_date(row: Row[Any]) -> datetime:
-    return row.internal_date.astimezone(_zone(row.internal_date_offset))
+    # Unpacked: a Row's attributes cost a lookup each, and FETCH and SEARCH make thousands of these.
+    uid, modseq, bits, keywords, internal_date, offset, size, parsed, data, search_header = row
+    return MessageRow(uid, modseq, decode_flags(bits, keywords), internal_date.astimezone(_zone(offset)),
+                      size, parsed, data, search_header)
 
 
 @lru_cache(maxsize=256)
