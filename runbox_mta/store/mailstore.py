@@ -261,14 +261,13 @@ class MailStore:
                            changedsince: int | None = None) -> list[MessageRow]:
         """The messages among `uids` (ascending) that still exist, optionally with their bytes and
         (`structure`) their parsed metadata: decoding that JSON was half the CPU of a FETCH FLAGS."""
-        base = _row_query(data=data, structure=structure, header=False).where(m.Message.mailbox_id == mailbox_id)
-        if changedsince is not None:
-            base = base.where(m.Message.modseq > changedsince)
+        statement = _rows_by_uid(data=data, structure=structure)
+        parameters = {"mailbox_id": mailbox_id, "changedsince": -1 if changedsince is None else changedsince}
 
         async def read(conn: AsyncConnection) -> list[MessageRow]:
             rows: list[Row[Any]] = []
             for chunk in in_chunks(uids):
-                rows += (await conn.execute(base.where(m.Message.uid.in_(chunk)))).all()
+                rows += (await conn.execute(statement, {**parameters, "uids": chunk})).all()
             return [_message_row(row) for row in rows]
 
         return await self._read(read)
@@ -520,20 +519,28 @@ def _apply(mode: str, bits: int, words: set[str], add_bits: int, add_words: set[
     return bits, " ".join(sorted(words))
 
 
+# changes_since's statements, built once (building and keying a statement costs more than running it).
+_MAILBOX_HEAD = select(m.Mailbox.highestmodseq, m.Mailbox.uidnext).where(m.Mailbox.id == bindparam("mailbox_id"))
+_CHANGED = (select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
+            .where(m.Message.mailbox_id == bindparam("mailbox_id"), m.Message.modseq > bindparam("modseq"))
+            .order_by(m.Message.uid))
+_EXPUNGED = (select(m.Expunged.uid)
+             .where(m.Expunged.mailbox_id == bindparam("mailbox_id"), m.Expunged.modseq > bindparam("modseq"))
+             .order_by(m.Expunged.uid))
+
+
 async def _changes_since(conn: AsyncConnection, mailbox_id: int, modseq: int) -> Changes:
-    box = (await conn.execute(select(m.Mailbox.highestmodseq, m.Mailbox.uidnext)
-                              .where(m.Mailbox.id == mailbox_id))).one_or_none()
+    parameters = {"mailbox_id": mailbox_id, "modseq": modseq}
+    box = (await conn.execute(_MAILBOX_HEAD, parameters)).one_or_none()
     if box is None:
         raise NotFound(f"no such mailbox id: {mailbox_id}")
-    if box.highestmodseq <= modseq:
-        return Changes(box.highestmodseq, box.uidnext, (), ())
-    rows = (await conn.execute(
-        select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
-        .where(m.Message.mailbox_id == mailbox_id, m.Message.modseq > modseq).order_by(m.Message.uid)
-    )).all()
-    expunged = await conn.scalars(select(m.Expunged.uid).where(
-        m.Expunged.mailbox_id == mailbox_id, m.Expunged.modseq > modseq).order_by(m.Expunged.uid))
-    return Changes(box.highestmodseq, box.uidnext, tuple(_change(row) for row in rows), tuple(expunged))
+    highestmodseq, uidnext = box
+    if highestmodseq <= modseq:
+        return Changes(highestmodseq, uidnext, (), ())
+    changed = tuple(FlagChange(uid, row_modseq, decode_flags(bits, keywords))
+                    for uid, row_modseq, bits, keywords in await conn.execute(_CHANGED, parameters))
+    expunged = await conn.scalars(_EXPUNGED, parameters)
+    return Changes(highestmodseq, uidnext, changed, tuple(expunged))
 
 
 async def _read_index(conn: AsyncConnection, mailbox_id: int) -> MailboxIndex:
@@ -549,6 +556,14 @@ async def _read_index(conn: AsyncConnection, mailbox_id: int) -> MailboxIndex:
 
 def _change(row: Row[Any]) -> FlagChange:
     return FlagChange(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords))
+
+
+@lru_cache(maxsize=None)
+def _rows_by_uid(*, data: bool, structure: bool) -> Select[Any]:
+    """message_rows' statement, built once: parameters mailbox_id, uids (a list) and changedsince."""
+    return _row_query(data=data, structure=structure, header=False).where(
+        m.Message.mailbox_id == bindparam("mailbox_id"), m.Message.uid.in_(bindparam("uids", expanding=True)),
+        m.Message.modseq > bindparam("changedsince"))
 
 
 def _row_query(*, data: bool, structure: bool, header: bool) -> Select[Any]:
