@@ -332,10 +332,7 @@ class MailStore:
             modseq = box.highestmodseq
             changed, modified, unchanged, updates = [], [], [], []
             for chunk in in_chunks(uids):
-                rows = (await conn.execute(
-                    select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
-                    .where(m.Message.mailbox_id == mailbox_id, m.Message.uid.in_(chunk)).order_by(m.Message.uid)
-                )).all()
+                rows = (await conn.execute(_FLAGS_OF, {"mailbox_id": mailbox_id, "uids": chunk})).all()
                 for row in rows:
                     if unchangedsince is not None and row.modseq > unchangedsince:
                         modified.append(row.uid)
@@ -345,14 +342,12 @@ class MailStore:
                     if new_bits == row.system_flags and new_keywords == row.keywords:
                         unchanged.append(_change(row))
                         continue
-                    updates.append({"row_uid": row.uid, "bits": new_bits, "words": new_keywords})
+                    updates.append({"target_mailbox": mailbox_id, "row_uid": row.uid, "bits": new_bits,
+                                    "words": new_keywords, "new_modseq": modseq})
                     changed.append(FlagChange(row.uid, modseq, decode_flags(new_bits, new_keywords)))
             if not updates:
                 raise _Nothing(FlagUpdate((), tuple(modified), tuple(unchanged)))
-            await conn.execute(
-                update(m.Message).where(m.Message.mailbox_id == mailbox_id, m.Message.uid == bindparam("row_uid"))
-                .values(system_flags=bindparam("bits"), keywords=bindparam("words"), modseq=modseq),
-                updates)
+            await conn.execute(_SET_FLAGS, updates)
             events.extend(ChangeEvent(box.account_id, mailbox_id, change.uid, modseq, ChangeKind.FLAGS)
                           for change in changed)
             return FlagUpdate(tuple(changed), tuple(modified), tuple(unchanged))
@@ -519,6 +514,14 @@ def _apply(mode: str, bits: int, words: set[str], add_bits: int, add_words: set[
     return bits, " ".join(sorted(words))
 
 
+# update_flags' statements, built once.
+_FLAGS_OF = (select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
+             .where(m.Message.mailbox_id == bindparam("mailbox_id"),
+                    m.Message.uid.in_(bindparam("uids", expanding=True)))
+             .order_by(m.Message.uid))
+_SET_FLAGS = (update(m.Message)
+              .where(m.Message.mailbox_id == bindparam("target_mailbox"), m.Message.uid == bindparam("row_uid"))
+              .values(system_flags=bindparam("bits"), keywords=bindparam("words"), modseq=bindparam("new_modseq")))
 # changes_since's statements, built once (building and keying a statement costs more than running it).
 _MAILBOX_HEAD = select(m.Mailbox.highestmodseq, m.Mailbox.uidnext).where(m.Mailbox.id == bindparam("mailbox_id"))
 _CHANGED = (select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
