@@ -15,10 +15,10 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class FlagChange:
+class FlagChange(NamedTuple):  # a tuple: made by the hundred thousand (FETCH 1:* FLAGS), cheaper than a dataclass
     uid: int
     modseq: int
     flags: frozenset[str]

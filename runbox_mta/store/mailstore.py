@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from sqlalchemy import BigInteger, Row, Select, bindparam, case, cast, delete, func, insert, null, select, update
 from sqlalchemy.dialects.postgresql import aggregate_order_by
@@ -95,8 +95,7 @@ class SharedRead:
     task: asyncio.Future[Changes]
 
 
-@dataclass(frozen=True)
-class MessageRow:
+class MessageRow(NamedTuple):  # a tuple: FETCH and SEARCH make thousands a second
     uid: int
     modseq: int
     flags: frozenset[str]
@@ -293,14 +292,11 @@ class MailStore:
         """Up to `limit` messages with UIDs above `after_uid`, ascending, that may match `key` (SQL
         leaves out those that cannot), with their searchable header: for a message stored without
         one, the start of its bytes as `data` instead; with all their bytes if `data`."""
-        query = (_row_query(data=data, structure=False, header=True)
-                 .where(m.Message.mailbox_id == mailbox_id, m.Message.uid > after_uid).limit(limit))
-        found = search.condition(key)
-        if found is not None:
-            query = query.where(found.condition)
+        query = _candidates_query(key, data=data)
+        parameters = {"mailbox_id": mailbox_id, "after_uid": after_uid, "limit": limit}
 
         async def read(conn: AsyncConnection) -> list[MessageRow]:
-            return [_message_row(row) for row in await conn.execute(query)]
+            return [_message_row(row) for row in await conn.execute(query, parameters)]
 
         return await self._read(read, snapshot=False)
 
@@ -567,6 +563,18 @@ def _rows_by_uid(*, data: bool, structure: bool) -> Select[Any]:
     return _row_query(data=data, structure=structure, header=False).where(
         m.Message.mailbox_id == bindparam("mailbox_id"), m.Message.uid.in_(bindparam("uids", expanding=True)),
         m.Message.modseq > bindparam("changedsince"))
+
+
+@lru_cache(maxsize=256)
+def _candidates_query(key: SearchKey, *, data: bool) -> Select[Any]:
+    """search_candidates' statement for `key`, built once while the key is searched again (a
+    client's periodic searches, several sessions of one user): parameters mailbox_id, after_uid
+    and limit."""
+    query = (_row_query(data=data, structure=False, header=True)
+             .where(m.Message.mailbox_id == bindparam("mailbox_id"), m.Message.uid > bindparam("after_uid"))
+             .limit(bindparam("limit")))
+    found = search.condition(key)
+    return query if found is None else query.where(found.condition)
 
 
 def _row_query(*, data: bool, structure: bool, header: bool) -> Select[Any]:
