@@ -257,6 +257,10 @@ class ImapConnection:
 
     async def drain(self) -> None:
         self._write_unsent()
+        transport = self.conn.writer.transport
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0] \
+                and not transport.is_closing():
+            return  # below the low-water mark writing is not paused: nothing to wait for (nor a timer to set)
         # A client that stops reading is as idle as one that stops writing.
         try:
             async with asyncio.timeout(self.session.timeout):

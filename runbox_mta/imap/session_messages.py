@@ -211,12 +211,13 @@ class MessageCommands(_Base):
             return
         try:
             for start in range(0, len(uids), batch):
+                if start:
+                    await self.out.flush()  # as in _fetch_from_index; the last goes out with the OK
                 rows = await self.services.store.message_rows(
                     view.mailbox_id, uids[start:start + batch], data=with_data, structure=structure,
                     changedsince=command.changedsince)
                 for row in rows:
                     await self._write_fetch(view, row, attributes, row.uid in seen_now)
-                await self.out.flush()
         except UnknownCte:
             raise Refused("Unknown Content-Transfer-Encoding.", "UNKNOWN-CTE") from None  # RFC 3516 §4.2
         await self.done(command.tag, "FETCH completed.", expunges=command.uid, uid=command.uid)
@@ -224,6 +225,8 @@ class MessageCommands(_Base):
     async def _fetch_from_index(self, view: MailboxView, uids: list[int], attributes: list[c.FetchAttribute],
                                 changedsince: int | None) -> None:
         for start in range(0, len(uids), FETCH_BATCH):
+            if start:
+                await self.out.flush()  # the batch before goes out first: bounded memory for a slow client
             rows = await self.services.store.flag_rows(view.mailbox_id, uids[start:start + FETCH_BATCH],
                                                        changedsince=changedsince)
             for row in rows:
@@ -231,7 +234,6 @@ class MessageCommands(_Base):
                 if number is not None:
                     items = b" ".join(_row_item(row, attribute) for attribute in attributes)
                     self.out.write(b"* %d FETCH (%s)\r\n" % (number, items))
-            await self.out.flush()
 
     async def _vanished_since(self, view: MailboxView, command: c.Fetch) -> None:
         """UID FETCH ... (CHANGEDSINCE m VANISHED): expunged UIDs of the set first (RFC 7162 §3.2.6)."""
