@@ -148,6 +148,8 @@ async def test_upgrade_to_0002_keeps_every_message_and_searches_the_old_ones_fro
         new = await store.search_candidates(inbox.id, HeaderContains("Subject", "three"), after_uid=2, limit=10,
                                             data=False)
         assert [(row.uid, row.search_header, row.data) for row in new] == [(3, "subject:three", None)]
+        for word, uids in (("two", [2]), ("t", [2, 3]), ("one", [1])):  # decided by the store, old and new alike
+            assert await store.search_uids(inbox.id, HeaderContains("Subject", word), up_to_uid=3) == (uids, 0)
         if is_sqlite(database_url):
             async with store.engine.connect() as conn:
                 assert (await conn.execute(text("PRAGMA foreign_key_check"))).all() == []

@@ -364,7 +364,7 @@ class MessageCommands(_Base):
         with_modseq = uses_modseq(command.key)
         exact = await store.search_uids(view.mailbox_id, command.key, up_to_uid=view.uids[-1] if view.uids else 0,
                                         modseq=with_modseq)
-        if exact is not None:  # the database decided it: flags, sizes, internal dates, MODSEQ
+        if exact is not None:  # the store decided it: flags, sizes, internal dates, MODSEQ, header words
             uids, modseq = exact
             return (uids if command.uid else view.numbers(uids)), modseq if with_modseq else None
         with_body = needs_body(command.key)

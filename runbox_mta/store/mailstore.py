@@ -31,6 +31,7 @@ from sqlalchemy.sql.expression import ColumnElement
 
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
 from runbox_mta.imap.search_keys import SearchKey
+from runbox_mta.imap.search_text import field_contains, searchable_header
 from runbox_mta.store import models as m
 from runbox_mta.store import search
 from runbox_mta.store.blobs import BlobStore
@@ -274,18 +275,37 @@ class MailStore:
     async def search_uids(self, mailbox_id: int, key: SearchKey, up_to_uid: int, *,
                           modseq: bool = False) -> tuple[list[int], int] | None:
         """The UIDs up to `up_to_uid` of the messages matching `key`, ascending, and (`modseq`)
-        their highest MODSEQ, else 0, if SQL decides `key` exactly (flags, sizes, internal
-        dates, MODSEQ; see search.py); None if it cannot."""
+        their highest MODSEQ, else 0, if the store decides `key`: SQL exactly (flags, sizes,
+        internal dates, MODSEQ; see search.py), or SQL and the stored header (header keys,
+        also ANDed with those). None if it cannot."""
         found = search.condition(key)
-        if found is None or not found.exact:
+        if found is None:
             return None
         where = (m.Message.uid <= up_to_uid, found.condition)
+        if found.exact:
+            async def read(conn: AsyncConnection) -> tuple[list[int], int]:
+                highest = await _highest_modseq(conn, mailbox_id, *where) if modseq else 0
+                return await _all_uids(conn, mailbox_id, *where), highest
 
-        async def read(conn: AsyncConnection) -> tuple[list[int], int]:
-            highest = await _highest_modseq(conn, mailbox_id, *where) if modseq else 0
-            return await _all_uids(conn, mailbox_id, *where), highest
+            return await self._read(read)
+        terms = search.header_terms(key)
+        if terms is None:
+            return None
+        query = (select(m.Message.uid, m.Message.modseq, m.Blob.search_header, _UNSTORED_HEADER_START)
+                 .join(m.Blob, m.Blob.id == m.Message.blob_id)
+                 .where(m.Message.mailbox_id == mailbox_id, *where).order_by(m.Message.uid))
 
-        return await self._read(read)
+        async def read_headers(conn: AsyncConnection) -> tuple[list[int], int]:
+            # Here, in the worker thread: only the UIDs go back, not a row per candidate.
+            uids, highest = [], 0
+            for uid, row_modseq, header, start in await conn.execute(query):
+                text = header if header is not None else searchable_header(start or b"")
+                if all(field_contains(text, term.field, term.value) for term in terms):
+                    uids.append(uid)
+                    highest = max(highest, row_modseq)
+            return uids, highest if modseq else 0
+
+        return await self._read(read_headers)
 
     async def search_candidates(self, mailbox_id: int, key: SearchKey, *, after_uid: int, limit: int,
                                 data: bool) -> list[MessageRow]:
@@ -577,6 +597,11 @@ def _candidates_query(key: SearchKey, *, data: bool) -> Select[Any]:
     return query if found is None else query.where(found.condition)
 
 
+# The start of a blob's bytes (where the header is), only if it has no searchable header stored.
+_UNSTORED_HEADER_START = case((m.Blob.search_header.is_(None), func.substr(m.Blob.data, 1, UNSTORED_HEADER_LIMIT)),
+                              else_=null()).label("data")
+
+
 def _row_query(*, data: bool, structure: bool, header: bool) -> Select[Any]:
     """Messages joined to their blobs, in UID order, with the columns of a MessageRow."""
     columns = [m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords,
@@ -584,9 +609,8 @@ def _row_query(*, data: bool, structure: bool, header: bool) -> Select[Any]:
                m.Blob.parsed if structure else null().label("parsed")]
     if data:
         columns.append(m.Blob.data)
-    elif header:  # the start of the bytes, where the header is, only of blobs without one stored
-        columns.append(case((m.Blob.search_header.is_(None), func.substr(m.Blob.data, 1, UNSTORED_HEADER_LIMIT)),
-                            else_=null()).label("data"))
+    elif header:
+        columns.append(_UNSTORED_HEADER_START)
     else:
         columns.append(null().label("data"))
     columns.append(m.Blob.search_header if header else null().label("search_header"))

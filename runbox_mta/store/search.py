@@ -5,7 +5,9 @@ does the scanning a mailbox-wide SEARCH needs.
 when SQL can say nothing about the key. An exact filter is the key itself:
 the store returns just the matching UIDs. An inexact one only narrows the
 candidates (a header word anywhere in the header, not yet in the named
-field), which imap.search then decides one by one. Message numbers and "$"
+field): when `header_terms` says the stored header then decides, the store
+checks the named fields itself and again returns UIDs; otherwise imap.search
+decides candidate by candidate. Message numbers and "$"
 (InSet), Date: headers, bodies and keyword case rules stay with imap.search.
 """
 
@@ -69,6 +71,24 @@ def condition(key: SearchKey) -> Filter | None:
         return Filter(and_(*(part.condition for part in known)), len(known) == len(parts)
                       and all(part.exact for part in known))
     return None  # InSet, BodyContains, TextContains, DateKey on the Date: header
+
+
+def header_terms(key: SearchKey) -> tuple[HeaderContains, ...] | None:
+    """The header words left to check once `condition(key)` holds, when that check decides the
+    key: a header key, or an AND of header keys and keys SQL decides exactly. None otherwise
+    (OR or NOT over a header key, anything imap.search must see whole)."""
+    if isinstance(key, HeaderContains):
+        return (key,)
+    if not isinstance(key, And):
+        return None
+    terms: list[HeaderContains] = []
+    for inner in key.keys:
+        found = condition(inner)
+        if isinstance(inner, HeaderContains):
+            terms.append(inner)
+        elif found is None or not found.exact:
+            return None
+    return tuple(terms)
 
 
 def _flag(flag: str) -> Filter | None:
