@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.expression import ColumnElement
 
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
-from runbox_mta.imap.search_keys import SearchKey
+from runbox_mta.imap.search_keys import HeaderContains, SearchKey
 from runbox_mta.imap.search_text import field_contains, searchable_header
 from runbox_mta.store import models as m
 from runbox_mta.store import search
@@ -278,27 +278,22 @@ class MailStore:
         their highest MODSEQ, else 0, if the store decides `key`: SQL exactly (flags, sizes,
         internal dates, MODSEQ; see search.py), or SQL and the stored header (header keys,
         also ANDed with those). None if it cannot."""
-        found = search.condition(key)
-        if found is None:
+        statements = _search_statements(key, self._engine.dialect.name)
+        if statements is None:
             return None
-        where = (m.Message.uid <= up_to_uid, found.condition)
-        if found.exact:
+        parameters = {"mailbox_id": mailbox_id, "up_to_uid": up_to_uid}
+        terms = statements.header_terms
+        if terms is None:
             async def read(conn: AsyncConnection) -> tuple[list[int], int]:
-                highest = await _highest_modseq(conn, mailbox_id, *where) if modseq else 0
-                return await _all_uids(conn, mailbox_id, *where), highest
+                highest = await conn.scalar(statements.highest_modseq, parameters) if modseq else 0
+                return _uid_list(await conn.scalar(statements.matching, parameters)), highest
 
             return await self._read(read)
-        terms = search.header_terms(key)
-        if terms is None:
-            return None
-        query = (select(m.Message.uid, m.Message.modseq, m.Blob.search_header, _UNSTORED_HEADER_START)
-                 .join(m.Blob, m.Blob.id == m.Message.blob_id)
-                 .where(m.Message.mailbox_id == mailbox_id, *where).order_by(m.Message.uid))
 
         async def read_headers(conn: AsyncConnection) -> tuple[list[int], int]:
             # Here, in the worker thread: only the UIDs go back, not a row per candidate.
             uids, highest = [], 0
-            for uid, row_modseq, header, start in await conn.execute(query):
+            for uid, row_modseq, header, start in await conn.execute(statements.matching, parameters):
                 text = header if header is not None else searchable_header(start or b"")
                 if all(field_contains(text, term.field, term.value) for term in terms):
                     uids.append(uid)
@@ -499,25 +494,51 @@ class MailStore:
         await self._write(job)
 
 
-async def _all_uids(conn: AsyncConnection, mailbox_id: int, *conditions: ColumnElement[bool]) -> list[int]:
-    """The UIDs of the mailbox's messages (meeting `conditions`), ascending, aggregated in the
-    database: one row instead of one per message makes SELECT of 100k messages about four
-    times faster."""
-    if conn.dialect.name == "postgresql":
-        query = select(func.array_agg(aggregate_order_by(m.Message.uid, m.Message.uid)))
-        uids = list(await conn.scalar(query.where(m.Message.mailbox_id == mailbox_id, *conditions)) or [])
-    else:
-        ordered = (select(m.Message.uid).where(m.Message.mailbox_id == mailbox_id, *conditions)
-                   .order_by(m.Message.uid).subquery())
-        text = await conn.scalar(select(func.group_concat(ordered.c.uid)))
-        uids = list(map(int, text.split(","))) if text else []
+def _uids_query(dialect: str, *conditions: ColumnElement[bool]) -> Select[Any]:
+    """The UIDs of the messages meeting `conditions`, aggregated in the database: one row
+    instead of one per message (see _uid_list)."""
+    if dialect == "postgresql":
+        return select(func.array_agg(aggregate_order_by(m.Message.uid, m.Message.uid))).where(*conditions)
+    ordered = select(m.Message.uid).where(*conditions).order_by(m.Message.uid).subquery()
+    return select(func.group_concat(ordered.c.uid))
+
+
+def _uid_list(aggregated: str | list[int] | None) -> list[int]:
+    """_uids_query's answer as a list, ascending."""
+    if not aggregated:
+        return []
+    uids = list(map(int, aggregated.split(","))) if isinstance(aggregated, str) else list(aggregated)
     uids.sort()  # already in order (linear then); SQLite does not promise group_concat's order
     return uids
 
 
-async def _highest_modseq(conn: AsyncConnection, mailbox_id: int, *conditions: ColumnElement[bool]) -> int:
-    query = select(func.coalesce(func.max(m.Message.modseq), 0)).where(m.Message.mailbox_id == mailbox_id, *conditions)
-    return int(await conn.scalar(query))
+@dataclass(frozen=True)
+class _SearchStatements:
+    """How search_uids decides a key (parameters mailbox_id and up_to_uid)."""
+
+    matching: Select[Any]  # the matching UIDs aggregated; or, with header_terms, the candidates' rows
+    highest_modseq: Select[Any]  # of the matches, when SQL decides the key alone
+    header_terms: tuple[HeaderContains, ...] | None  # left to check in each candidate's stored header
+
+
+@lru_cache(maxsize=512)
+def _search_statements(key: SearchKey, dialect: str) -> _SearchStatements | None:
+    """search_uids' statements for `key`, built once while the key is searched again (a
+    client's periodic searches, the sessions of one user); None if the store cannot decide it."""
+    found = search.condition(key)
+    if found is None:
+        return None
+    where = (m.Message.mailbox_id == bindparam("mailbox_id"), m.Message.uid <= bindparam("up_to_uid"),
+             found.condition)
+    highest_modseq = select(func.coalesce(func.max(m.Message.modseq), 0)).where(*where)
+    if found.exact:
+        return _SearchStatements(_uids_query(dialect, *where), highest_modseq, None)
+    terms = search.header_terms(key)
+    if terms is None:
+        return None
+    candidates = (select(m.Message.uid, m.Message.modseq, m.Blob.search_header, _UNSTORED_HEADER_START)
+                  .join(m.Blob, m.Blob.id == m.Message.blob_id).where(*where).order_by(m.Message.uid))
+    return _SearchStatements(candidates, highest_modseq, terms)
 
 
 def _apply(mode: str, bits: int, words: set[str], add_bits: int, add_words: set[str]) -> tuple[int, str]:
