@@ -23,6 +23,7 @@ from runbox_mta.imap.fetch import (
     binary_content,
     find_part,
     needs_data,
+    needs_structure,
     render_fetch_item,
     section_content,
     sets_seen,
@@ -322,6 +323,23 @@ def test_structure_items() -> None:
     )
     assert render_fetch_item(None, structure, FetchItem.BODYSTRUCTURE).startswith(b'BODYSTRUCTURE ("text" "plain"')
     assert render_fetch_item(None, structure, FetchItem.ENVELOPE).startswith(b'ENVELOPE ("Tue, 2 Jan 2024')
+
+
+@pytest.mark.parametrize("text", ["BODY[]", "BODY.PEEK[]", "BODY[]<5.20>", "RFC822"])
+def test_the_whole_message_is_rendered_without_its_structure(text: str) -> None:
+    data = sample("groups.eml") + b"\0"  # a NUL, which BODY[] must not send as it is
+    (attribute,) = attributes(text)
+    assert not needs_structure(attribute)
+    assert render_fetch_item(data, None, attribute) == render_fetch_item(data, parse_structure(data), attribute)
+
+
+@pytest.mark.parametrize("text", ["BODY[1]", "BODY[HEADER]", "BODY[TEXT]", "BINARY[]", "BINARY.SIZE[1]",
+                                  "ENVELOPE", "BODYSTRUCTURE", "RFC822.HEADER", "RFC822.TEXT", "RFC822.SIZE"])
+def test_every_other_item_needs_the_structure(text: str) -> None:
+    (attribute,) = attributes(text)
+    assert needs_structure(attribute)
+    with pytest.raises(ValueError):
+        render_fetch_item(sample("groups.eml"), None, attribute)
 
 
 def test_rfc822_items() -> None:

@@ -289,6 +289,13 @@ def needs_data(attribute: FetchAttribute) -> bool:
     return attribute not in _STRUCTURE_ONLY
 
 
+def needs_structure(attribute: FetchAttribute) -> bool:
+    """Whether rendering `attribute` needs the message's structure: all but its whole bytes."""
+    if isinstance(attribute, FetchBody):
+        return attribute.binary or bool(attribute.section.part) or attribute.section.text is not None
+    return attribute is not FetchItem.RFC822
+
+
 def sets_seen(attribute: FetchAttribute) -> bool:
     """RFC 9051 §6.4.5: BODY[...], BINARY[...], RFC822 and RFC822.TEXT set \\Seen; .PEEK does not."""
     if isinstance(attribute, FetchBody):
@@ -296,17 +303,23 @@ def sets_seen(attribute: FetchAttribute) -> bool:
     return attribute in _SETS_SEEN
 
 
-def render_fetch_item(data: bytes | None, structure: MessageStructure, attribute: FetchAttribute) -> bytes:
+def render_fetch_item(data: bytes | None, structure: MessageStructure | None, attribute: FetchAttribute) -> bytes:
     """One FETCH response item for a message-content attribute, e.g. b'RFC822.SIZE 42'.
 
-    `data` may be None when `needs_data(attribute)` is false. FLAGS, UID,
-    INTERNALDATE and MODSEQ are the session's: they raise ValueError here.
+    `data` may be None when `needs_data(attribute)` is false, `structure` when
+    `needs_structure(attribute)` is. FLAGS, UID, INTERNALDATE and MODSEQ are
+    the session's: they raise ValueError here.
     Raises UnknownCte for BINARY of a part in an unknown transfer encoding.
     """
     if data is None and needs_data(attribute):
         raise ValueError(f"{attribute} needs the message data")
+    if structure is None and needs_structure(attribute):
+        raise ValueError(f"{attribute} needs the message structure")
     if isinstance(attribute, FetchBody):
         return _fetch_body(data or b"", structure, attribute)
+    if attribute is FetchItem.RFC822:
+        return b"RFC822 " + _literal(_without_nul(data or b""))
+    assert structure is not None  # needs_structure(attribute)
     if isinstance(attribute, FetchBinarySize):
         size = len(binary_content(data or b"", structure, attribute.part))
         return b"BINARY.SIZE[%s] %d" % (_part_numbers(attribute.part), size)
@@ -326,8 +339,10 @@ def _name(item: FetchItem) -> bytes:
     return f"{item.value}".encode("ascii")
 
 
-def _fetch_body(data: bytes, structure: MessageStructure, item: FetchBody) -> bytes:
-    if item.binary:
+def _fetch_body(data: bytes, structure: MessageStructure | None, item: FetchBody) -> bytes:
+    if structure is None:  # the whole message (needs_structure)
+        content = _without_nul(data)
+    elif item.binary:
         content = binary_content(data, structure, item.section.part)
     else:
         content = _without_nul(section_content(data, structure, item.section))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from runbox_mta.errors import NotFound, RunboxError
 from runbox_mta.imap import commands as c
 from runbox_mta.imap.dates import format_date_time
-from runbox_mta.imap.fetch import UnknownCte, needs_data, render_fetch_item, sets_seen
+from runbox_mta.imap.fetch import UnknownCte, needs_data, needs_structure, render_fetch_item, sets_seen
 from runbox_mta.imap.mime import MessageStructure, parse_structure
 from runbox_mta.imap.responses import flag_list, status, untagged
 from runbox_mta.imap.search import Candidate, Scope, matches, needs_body, uses_modseq
@@ -202,8 +202,9 @@ class MessageCommands(_Base):
         if not view.readonly and any(sets_seen(attribute) for attribute in attributes):
             seen_now = await self._mark_seen(view, uids)
         with_data = any(needs_data(attribute) for attribute in attributes if attribute not in _ITEMS_FROM_ROW)
-        # FLAGS, UID, MODSEQ ... come from the row: the stored structure would only be decoded for nothing.
-        structure = any(attribute not in _ITEMS_FROM_ROW for attribute in attributes)
+        # FLAGS, UID, MODSEQ ... come from the row, BODY[] is the bytes: the stored structure
+        # would only be decoded for nothing.
+        structure = any(needs_structure(attribute) for attribute in attributes if attribute not in _ITEMS_FROM_ROW)
         batch = FETCH_BATCH_WITH_DATA if with_data else FETCH_BATCH
         if all(attribute in _ITEMS_FROM_INDEX for attribute in attributes):
             await self._fetch_from_index(view, uids, attributes, command.changedsince)
@@ -257,7 +258,7 @@ class MessageCommands(_Base):
         if number is None:
             return
         structure = await self._structure(view, row) if any(
-            attribute not in _ITEMS_FROM_ROW for attribute in attributes) else None
+            needs_structure(attribute) for attribute in attributes if attribute not in _ITEMS_FROM_ROW) else None
         if row.data is not None and len(row.data) > INLINE_RENDER_LIMIT:
             items = await asyncio.to_thread(_render_items, row, structure, attributes)
         else:
@@ -419,7 +420,6 @@ def _render_items(row: MessageRow, structure: MessageStructure | None,
         if attribute in _ITEMS_FROM_ROW:
             items.append(_row_item(row, attribute))
         else:
-            assert structure is not None
             items.append(render_fetch_item(row.data, structure, attribute))
     return items
 
