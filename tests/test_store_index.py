@@ -40,6 +40,15 @@ def test_apply_of_an_expunge_of_unknown_uids_changes_nothing_else():
     assert index.uids == [1, 3] and index.highestmodseq == 2
 
 
+@pytest.mark.parametrize("expunged", [(2, 4), tuple(range(1, 40, 2))])  # one by one; by copying what stays
+def test_few_and_many_expunges_leave_the_same_index(expunged):
+    index = index_of(*((uid, uid, SEEN if uid % 3 else FLAGGED) for uid in range(1, 41)))
+    index.apply(Changes(41, 41, (), expunged))
+    kept = [uid for uid in range(1, 41) if uid not in expunged]
+    assert (index.uids, index.modseqs) == (kept, kept)
+    assert index.flags == [SEEN if uid % 3 else FLAGGED for uid in kept]
+
+
 def test_a_message_below_the_last_uid_that_was_missing_goes_in_its_place():
     index = index_of((1, 1, SEEN), (5, 1, SEEN))
     index.apply(Changes(2, 6, (FlagChange(3, 2, FLAGGED),), ()))
