@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -84,7 +85,10 @@ def create_engine(url: str, *, data_dir: Path | None = None) -> AsyncEngine:
         _prepare_sqlite_file(parsed)
     # hide_parameters: an error's text must never carry message bytes or
     # password hashes into a log (SPEC §7: no mail content in logs, ever).
-    engine = create_async_engine(parsed, hide_parameters=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    # Stored JSON (a message's MIME structure, read for every ENVELOPE and BODYSTRUCTURE) is
+    # decoded by orjson, several times faster than the json module; it is written by json.
+    engine = create_async_engine(parsed, hide_parameters=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
+                                 json_deserializer=orjson.loads)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _configure_sqlite)
         event.listen(engine.sync_engine, "begin", _begin_sqlite)
@@ -131,7 +135,8 @@ def _thread_engine(engine: AsyncEngine, pool_size: int) -> Engine | None:
     if url.get_backend_name() != "sqlite":
         return None
     sync = sa_create_engine(url.set(drivername="sqlite+pysqlite"), hide_parameters=True, pool_size=pool_size,
-                            max_overflow=0, connect_args={"check_same_thread": False})
+                            max_overflow=0, connect_args={"check_same_thread": False},
+                            json_deserializer=orjson.loads)
     event.listen(sync, "connect", _configure_sqlite)
     event.listen(sync, "begin", _begin_sqlite)
     return sync
