@@ -25,10 +25,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
 from runbox_mta.store import models as m
 from runbox_mta.store.blobs import BlobStore
-from runbox_mta.store.changes import ChangeBus, ChangeEvent, ChangeKind, Subscription
+from runbox_mta.store.changes import ChangeBus, ChangeEvent, Subscription
 from runbox_mta.store.committer import CommitStats, Committer, Job
 from runbox_mta.store.db import (
-    InThreadConnection, connect, create_engine, in_chunks, lookups, require_current_schema, run_job,
+    InThreadConnection, connect, create_engine, lookups, require_current_schema, run_job,
     scrub_freed_pages, thread_reads,
 )
 from runbox_mta.store.flags import decode_flags
@@ -39,8 +39,8 @@ from runbox_mta.store.mailstore import MailboxHead, MailStore, SharedRead
 from runbox_mta.store.notify import ChangeRelay
 from runbox_mta.store.transfer import TransferStore
 from runbox_mta.store.writes import (
-    SPECIAL_USES, Appended, insert_mailbox, insert_messages, insert_queue_entry, new_copy, next_modseq,
-    no_mailbox, parse_message, queued_metadata,
+    SPECIAL_USES, Appended, insert_mailbox, insert_messages, insert_queue_entry, new_copy, no_mailbox,
+    parse_message, queued_metadata,
 )
 from runbox_mta.store.recent import Recent
 from runbox_mta.store.recipients import Resolution, check_quota, repeatable, resolve, sender_addresses
@@ -636,24 +636,11 @@ class Store(MaildropStore, MailStore, QueueStore, TransferStore):
             return
 
         async def job(conn: AsyncConnection, events: list[ChangeEvent]) -> bool:
-            mailbox = await next_modseq(conn, mailbox_id, new_uids=0)
-            removed: list[Row[Any]] = []
-            for chunk in in_chunks(wanted):
-                removed += await conn.execute(
-                    delete(m.Message).where(m.Message.mailbox_id == mailbox_id, m.Message.uid.in_(chunk))
-                    .returning(m.Message.uid, m.Message.blob_id)
-                )
-            if not removed:
+            before = len(events)
+            no_backup = await self._expunge_rows(conn, events, mailbox_id, wanted)
+            if len(events) == before:
                 raise _NothingToExpunge
-            await conn.execute(insert(m.Expunged), [
-                {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": mailbox.highestmodseq} for row in removed
-            ])
-            await self._blobs.release(conn, [row.blob_id for row in removed])
-            for uid in sorted(row.uid for row in removed):
-                events.append(ChangeEvent(mailbox.account_id, mailbox_id, uid, mailbox.highestmodseq,
-                                          ChangeKind.EXPUNGE))
-            no_backup = select(m.Account.no_backup).where(m.Account.id == mailbox.account_id)
-            return bool(await conn.scalar(no_backup))
+            return no_backup
 
         try:
             no_backup = await self._write(job)

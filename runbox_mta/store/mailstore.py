@@ -405,13 +405,12 @@ class MailStore:
 
     async def _expunge_rows(self, conn: AsyncConnection, events: list[ChangeEvent], mailbox_id: int,
                             uids: Sequence[int]) -> bool:
-        """Delete messages, leave tombstones, release blobs; True if the account is No Backup."""
+        """Delete messages, leave tombstones, release blobs; True if the account is No Backup.
+        An EXPUNGE event per message deleted (none if none was there)."""
         box = await next_modseq(conn, mailbox_id, new_uids=0)
         removed: list[Row[Any]] = []
         for chunk in in_chunks(sorted(uids)):
-            removed += await conn.execute(
-                delete(m.Message).where(m.Message.mailbox_id == mailbox_id, m.Message.uid.in_(chunk))
-                .returning(m.Message.uid, m.Message.blob_id))
+            removed += await conn.execute(_DELETE_MESSAGES, {"mailbox_id": mailbox_id, "uids": chunk})
         if removed:
             await conn.execute(insert(m.Expunged), [
                 {"mailbox_id": mailbox_id, "uid": row.uid, "modseq": box.highestmodseq} for row in removed])
@@ -551,7 +550,7 @@ def _apply(mode: str, bits: int, words: set[str], add_bits: int, add_words: set[
     return bits, " ".join(sorted(words))
 
 
-# update_flags' statements, built once.
+# update_flags' and _expunge_rows' statements, built once.
 _FLAGS_OF = (select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
              .where(m.Message.mailbox_id == bindparam("mailbox_id"),
                     m.Message.uid.in_(bindparam("uids", expanding=True)))
@@ -559,6 +558,10 @@ _FLAGS_OF = (select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.M
 _SET_FLAGS = (update(m.Message)
               .where(m.Message.mailbox_id == bindparam("target_mailbox"), m.Message.uid == bindparam("row_uid"))
               .values(system_flags=bindparam("bits"), keywords=bindparam("words"), modseq=bindparam("new_modseq")))
+_DELETE_MESSAGES = (delete(m.Message)
+                    .where(m.Message.mailbox_id == bindparam("mailbox_id"),
+                           m.Message.uid.in_(bindparam("uids", expanding=True)))
+                    .returning(m.Message.uid, m.Message.blob_id))
 # changes_since's statements, built once (building and keying a statement costs more than running it).
 _MAILBOX_HEAD = select(m.Mailbox.highestmodseq, m.Mailbox.uidnext).where(m.Mailbox.id == bindparam("mailbox_id"))
 _CHANGED = (select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
