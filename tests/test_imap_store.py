@@ -11,6 +11,8 @@ import pytest
 from sqlalchemy import event, func, insert, select, update
 
 from runbox_mta.errors import AlreadyExists, NotFound, RunboxError
+from runbox_mta.imap.fetch import render_envelope, render_envelope_fields
+from runbox_mta.imap.mime import Envelope, parse_structure
 from runbox_mta.imap.search import Candidate, Scope, matches, needs_body
 from runbox_mta.imap.search_keys import SearchKey, parse_search_program
 from runbox_mta.imap.syntax import Reader
@@ -20,6 +22,7 @@ from runbox_mta.store.changes import ChangeEvent
 from runbox_mta.store.index import Changes
 from runbox_mta.store import models as m
 from runbox_mta.store.blobs import STRUCTURE_KEY
+from tests.test_imap_mime import SAMPLES, sample
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,6 +102,19 @@ async def test_copy_and_move_give_new_uids_and_events(store):
     rows = await store.message_rows(archive, [1, 2, 3], data=True)
     assert [row.data for row in rows] == [MESSAGE] * 3
     assert rows[0].parsed is not None and STRUCTURE_KEY in rows[0].parsed
+
+
+async def test_message_rows_with_only_the_envelope_render_the_same_envelope(store):
+    _, inbox = await inbox_with(store, 0)
+    names = sorted(path.name for path in SAMPLES.iterdir())
+    await store.append_messages(inbox, [(sample(name), [], None) for name in names])
+    uids = list(range(1, len(names) + 1))
+    lean = await store.message_rows(inbox, uids, data=False, structure=False, envelope=True)
+    for name, row in zip(names, lean, strict=True):
+        assert row.parsed is None and row.envelope is not None, name
+        expected = render_envelope(parse_structure(sample(name)))
+        assert render_envelope_fields(Envelope.from_json(row.envelope)) == expected, name
+    assert all(row.envelope is None for row in await store.message_rows(inbox, uids, data=False))
 
 
 async def test_append_messages_honours_the_quota(store):

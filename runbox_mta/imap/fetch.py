@@ -92,10 +92,11 @@ def _list(items: list[bytes], separator: bytes = b" ") -> bytes:
 
 def render_envelope(structure: MessageStructure) -> bytes:
     """The message's ENVELOPE, parenthesised (RFC 9051 §7.5.2)."""
-    return _envelope(structure.envelope)
+    return render_envelope_fields(structure.envelope)
 
 
-def _envelope(envelope: Envelope) -> bytes:
+def render_envelope_fields(envelope: Envelope) -> bytes:
+    """An ENVELOPE, parenthesised: the message's, or a message/rfc822 part's."""
     fields = [
         _nstring(envelope.date),
         _nstring(envelope.subject),
@@ -142,7 +143,8 @@ def _body(part: BodyPart, extended: bool) -> bytes:
     ]
     if part.is_message:
         message = part.parts[0]
-        fields += [_envelope(message.envelope or Envelope()), _body(message, extended), b"%d" % part.lines]
+        envelope = render_envelope_fields(message.envelope or Envelope())
+        fields += [envelope, _body(message, extended), b"%d" % part.lines]
     elif part.is_text:
         fields.append(b"%d" % part.lines)
     if extended:  # body-ext-1part: md5, disposition, language, location

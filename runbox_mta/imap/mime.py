@@ -65,6 +65,8 @@ from runbox_mta.imap.encoding import (
 MAX_DEPTH = 100  # nested entities (multipart children, encapsulated messages)
 MAX_PARTS = 10_000  # entities in one message
 JSON_VERSION = 1
+# Where to_json puts the message's own ENVELOPE, so a store can read just that part.
+ENVELOPE_JSON_PATH = ("root", "envelope")
 
 
 # -- the structure --------------------------------------------------------
@@ -97,6 +99,16 @@ class Envelope:
     bcc: tuple[Address, ...] = ()
     in_reply_to: str | None = None
     message_id: str | None = None
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Envelope:
+        """The envelope from its part of MessageStructure.to_json (at ENVELOPE_JSON_PATH)."""
+        if not isinstance(value, dict):
+            raise ValueError("invalid envelope")
+        try:
+            return _envelope_from_json(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"invalid envelope: {error}") from None
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING
 from runbox_mta.errors import NotFound, RunboxError
 from runbox_mta.imap import commands as c
 from runbox_mta.imap.dates import format_date_time
-from runbox_mta.imap.fetch import UnknownCte, needs_data, needs_structure, render_fetch_item, sets_seen
-from runbox_mta.imap.mime import MessageStructure, parse_structure
+from runbox_mta.imap.fetch import (
+    UnknownCte, needs_data, needs_structure, render_envelope_fields, render_fetch_item, sets_seen,
+)
+from runbox_mta.imap.mime import Envelope, MessageStructure, parse_structure
 from runbox_mta.imap.responses import flag_list, status, untagged
 from runbox_mta.imap.search import Candidate, Scope, matches, needs_body, uses_modseq
 from runbox_mta.imap.search_keys import HasFlag
@@ -203,8 +205,10 @@ class MessageCommands(_Base):
             seen_now = await self._mark_seen(view, uids)
         with_data = any(needs_data(attribute) for attribute in attributes if attribute not in _ITEMS_FROM_ROW)
         # FLAGS, UID, MODSEQ ... come from the row, BODY[] is the bytes: the stored structure
-        # would only be decoded for nothing.
-        structure = any(needs_structure(attribute) for attribute in attributes if attribute not in _ITEMS_FROM_ROW)
+        # would only be decoded for nothing; for ENVELOPE alone, only its part of it is.
+        needed = {attribute for attribute in attributes
+                  if attribute not in _ITEMS_FROM_ROW and needs_structure(attribute)}
+        envelope = needed == {c.FetchItem.ENVELOPE}
         batch = FETCH_BATCH_WITH_DATA if with_data else FETCH_BATCH
         if all(attribute in _ITEMS_FROM_INDEX for attribute in attributes):
             await self._fetch_from_index(view, uids, attributes, command.changedsince)
@@ -215,8 +219,8 @@ class MessageCommands(_Base):
                 if start:
                     await self.out.flush()  # as in _fetch_from_index; the last goes out with the OK
                 rows = await self.services.store.message_rows(
-                    view.mailbox_id, uids[start:start + batch], data=with_data, structure=structure,
-                    changedsince=command.changedsince)
+                    view.mailbox_id, uids[start:start + batch], data=with_data, structure=bool(needed) and not envelope,
+                    envelope=envelope, changedsince=command.changedsince)
                 for row in rows:
                     await self._write_fetch(view, row, attributes, row.uid in seen_now)
         except UnknownCte:
@@ -257,8 +261,10 @@ class MessageCommands(_Base):
         number = view.number(row.uid)
         if number is None:
             return
-        structure = await self._structure(view, row) if any(
-            needs_structure(attribute) for attribute in attributes if attribute not in _ITEMS_FROM_ROW) else None
+        structure = None
+        if row.envelope is None and any(
+                needs_structure(attribute) for attribute in attributes if attribute not in _ITEMS_FROM_ROW):
+            structure = await self._structure(view, row)
         if row.data is not None and len(row.data) > INLINE_RENDER_LIMIT:
             items = await asyncio.to_thread(_render_items, row, structure, attributes)
         else:
@@ -419,6 +425,9 @@ def _render_items(row: MessageRow, structure: MessageStructure | None,
     for attribute in attributes:
         if attribute in _ITEMS_FROM_ROW:
             items.append(_row_item(row, attribute))
+        elif attribute is c.FetchItem.ENVELOPE and structure is None:
+            assert row.envelope is not None  # asked for instead of the structure
+            items.append(b"ENVELOPE " + render_envelope_fields(Envelope.from_json(row.envelope)))
         else:
             items.append(render_fetch_item(row.data, structure, attribute))
     return items
