@@ -203,6 +203,10 @@ class MessageCommands(_Base):
         seen_now: set[int] = set()
         if not view.readonly and any(sets_seen(attribute) for attribute in attributes):
             seen_now = await self._mark_seen(view, uids)
+        if all(attribute in _ITEMS_FROM_INDEX for attribute in attributes):
+            await self._fetch_from_index(view, uids, attributes, command.changedsince)
+            await self.done(command.tag, "FETCH completed.", expunges=command.uid, uid=command.uid)
+            return
         with_data = any(needs_data(attribute) for attribute in attributes if attribute not in _ITEMS_FROM_ROW)
         # FLAGS, UID, MODSEQ ... come from the row, BODY[] is the bytes: the stored structure
         # would only be decoded for nothing; for ENVELOPE alone, only its part of it is.
@@ -210,10 +214,6 @@ class MessageCommands(_Base):
                   if attribute not in _ITEMS_FROM_ROW and needs_structure(attribute)}
         envelope = needed == {c.FetchItem.ENVELOPE}
         batch = FETCH_BATCH_WITH_DATA if with_data else FETCH_BATCH
-        if all(attribute in _ITEMS_FROM_INDEX for attribute in attributes):
-            await self._fetch_from_index(view, uids, attributes, command.changedsince)
-            await self.done(command.tag, "FETCH completed.", expunges=command.uid, uid=command.uid)
-            return
         try:
             for start in range(0, len(uids), batch):
                 if start:

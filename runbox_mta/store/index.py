@@ -1,6 +1,6 @@
 """A mailbox's UIDs, flags and MODSEQs in memory, kept current from its changes.
 
-Opening a mailbox, FETCH FLAGS and flag SEARCH read every message's UID and
+Opening a mailbox reads every message's UID, FETCH FLAGS many messages'
 flags, and on a busy mailbox many sessions do so many times a minute: read
 from the database each time, that was most of the IMAP CPU (a 10,000-message
 SELECT took 8 ms, FETCH FLAGS of 100 messages 4 ms). The store keeps one

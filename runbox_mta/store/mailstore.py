@@ -182,7 +182,8 @@ class MailStore:
         index = self._indexes.get(mailbox_id)
         if index is None or (uidvalidity is not None and index.uidvalidity != uidvalidity):
             index = await self._build_index(mailbox_id)
-        self._indexes.move_to_end(mailbox_id)
+        else:
+            self._indexes.move_to_end(mailbox_id)  # (a build puts its index last)
         for _ in range(INDEX_CATCH_UP_TRIES):
             modseq = index.highestmodseq
             try:
