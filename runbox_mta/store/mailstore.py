@@ -286,10 +286,12 @@ class MailStore:
         if statements is None:
             return None
         parameters = {"mailbox_id": mailbox_id, "up_to_uid": up_to_uid}
-        terms = statements.header_terms
+        terms, highest_modseq = statements.header_terms, statements.highest_modseq
         if terms is None:
+            assert highest_modseq is not None
+
             async def read(conn: AsyncConnection) -> tuple[list[int], int]:
-                highest = await conn.scalar(statements.highest_modseq, parameters) if modseq else 0
+                highest = await conn.scalar(highest_modseq, parameters) if modseq else 0
                 return _uid_list(await conn.scalar(statements.matching, parameters)), highest
 
             return await self._read(read)
@@ -520,7 +522,7 @@ class _SearchStatements:
     """How search_uids decides a key (parameters mailbox_id and up_to_uid)."""
 
     matching: Select[Any]  # the matching UIDs aggregated; or, with header_terms, the candidates' rows
-    highest_modseq: Select[Any]  # of the matches, when SQL decides the key alone
+    highest_modseq: Select[Any] | None  # of the matches, when SQL decides the key alone
     header_terms: tuple[HeaderContains, ...] | None  # left to check in each candidate's stored header
 
 
@@ -533,15 +535,15 @@ def _search_statements(key: SearchKey, dialect: str) -> _SearchStatements | None
         return None
     where = (m.Message.mailbox_id == bindparam("mailbox_id"), m.Message.uid <= bindparam("up_to_uid"),
              found.condition)
-    highest_modseq = select(func.coalesce(func.max(m.Message.modseq), 0)).where(*where)
     if found.exact:
+        highest_modseq = select(func.coalesce(func.max(m.Message.modseq), 0)).where(*where)
         return _SearchStatements(_uids_query(dialect, *where), highest_modseq, None)
     terms = search.header_terms(key)
     if terms is None:
         return None
     candidates = (select(m.Message.uid, m.Message.modseq, m.Blob.search_header, _UNSTORED_HEADER_START)
                   .join(m.Blob, m.Blob.id == m.Message.blob_id).where(*where).order_by(m.Message.uid))
-    return _SearchStatements(candidates, highest_modseq, terms)
+    return _SearchStatements(candidates, None, terms)
 
 
 def _apply(mode: str, bits: int, words: set[str], add_bits: int, add_words: set[str]) -> tuple[int, str]:
@@ -554,11 +556,13 @@ def _apply(mode: str, bits: int, words: set[str], add_bits: int, add_words: set[
     return bits, " ".join(sorted(words))
 
 
-# update_flags' and _expunge_rows' statements, built once.
-_FLAGS_OF = (select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
-             .where(m.Message.mailbox_id == bindparam("mailbox_id"),
-                    m.Message.uid.in_(bindparam("uids", expanding=True)))
-             .order_by(m.Message.uid))
+# Statements built once (building and keying a statement costs more than running it).
+# A message's UID, MODSEQ and flags (see _change), in UID order: all of a mailbox's (the
+# index), those of some UIDs (update_flags), those changed after a MODSEQ (changes_since).
+_FLAG_ROWS = (select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
+              .where(m.Message.mailbox_id == bindparam("mailbox_id")).order_by(m.Message.uid))
+_FLAGS_OF = _FLAG_ROWS.where(m.Message.uid.in_(bindparam("uids", expanding=True)))
+_CHANGED = _FLAG_ROWS.where(m.Message.modseq > bindparam("modseq"))
 _SET_FLAGS = (update(m.Message)
               .where(m.Message.mailbox_id == bindparam("target_mailbox"), m.Message.uid == bindparam("row_uid"))
               .values(system_flags=bindparam("bits"), keywords=bindparam("words"), modseq=bindparam("new_modseq")))
@@ -566,11 +570,8 @@ _DELETE_MESSAGES = (delete(m.Message)
                     .where(m.Message.mailbox_id == bindparam("mailbox_id"),
                            m.Message.uid.in_(bindparam("uids", expanding=True)))
                     .returning(m.Message.uid, m.Message.blob_id))
-# changes_since's statements, built once (building and keying a statement costs more than running it).
-_MAILBOX_HEAD = select(m.Mailbox.highestmodseq, m.Mailbox.uidnext).where(m.Mailbox.id == bindparam("mailbox_id"))
-_CHANGED = (select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
-            .where(m.Message.mailbox_id == bindparam("mailbox_id"), m.Message.modseq > bindparam("modseq"))
-            .order_by(m.Message.uid))
+_MAILBOX_HEAD = (select(m.Mailbox.uidvalidity, m.Mailbox.highestmodseq, m.Mailbox.uidnext)
+                 .where(m.Mailbox.id == bindparam("mailbox_id")))
 _EXPUNGED = (select(m.Expunged.uid)
              .where(m.Expunged.mailbox_id == bindparam("mailbox_id"), m.Expunged.modseq > bindparam("modseq"))
              .order_by(m.Expunged.uid))
@@ -581,28 +582,26 @@ async def _changes_since(conn: AsyncConnection, mailbox_id: int, modseq: int) ->
     box = (await conn.execute(_MAILBOX_HEAD, parameters)).one_or_none()
     if box is None:
         raise NotFound(f"no such mailbox id: {mailbox_id}")
-    highestmodseq, uidnext = box
+    _, highestmodseq, uidnext = box
     if highestmodseq <= modseq:
         return Changes(highestmodseq, uidnext, (), ())
-    changed = tuple(FlagChange(uid, row_modseq, decode_flags(bits, keywords))
-                    for uid, row_modseq, bits, keywords in await conn.execute(_CHANGED, parameters))
+    changed = tuple(map(_change, await conn.execute(_CHANGED, parameters)))
     expunged = await conn.scalars(_EXPUNGED, parameters)
     return Changes(highestmodseq, uidnext, changed, tuple(expunged))
 
 
 async def _read_index(conn: AsyncConnection, mailbox_id: int) -> MailboxIndex:
-    box = (await conn.execute(select(m.Mailbox.uidvalidity, m.Mailbox.highestmodseq, m.Mailbox.uidnext)
-                              .where(m.Mailbox.id == mailbox_id))).one_or_none()
+    parameters = {"mailbox_id": mailbox_id}
+    box = (await conn.execute(_MAILBOX_HEAD, parameters)).one_or_none()
     if box is None:
         raise NotFound(f"no such mailbox id: {mailbox_id}")
-    rows = await conn.execute(select(m.Message.uid, m.Message.modseq, m.Message.system_flags, m.Message.keywords)
-                              .where(m.Message.mailbox_id == mailbox_id).order_by(m.Message.uid))
-    return MailboxIndex(mailbox_id, box.uidvalidity, box.highestmodseq, box.uidnext,
-                        (FlagChange(uid, modseq, decode_flags(bits, keywords)) for uid, modseq, bits, keywords in rows))
+    rows = await conn.execute(_FLAG_ROWS, parameters)
+    return MailboxIndex(mailbox_id, box.uidvalidity, box.highestmodseq, box.uidnext, map(_change, rows))
 
 
 def _change(row: Row[Any]) -> FlagChange:
-    return FlagChange(row.uid, row.modseq, decode_flags(row.system_flags, row.keywords))
+    uid, modseq, bits, keywords = row  # unpacked: faster than a Row's attributes
+    return FlagChange(uid, modseq, decode_flags(bits, keywords))
 
 
 @lru_cache(maxsize=None)
